@@ -1,0 +1,86 @@
+"""Algorithm 1 of the paper: conditional inference across edge and cloud.
+
+For each sample: run the stem and the edge blocks; after a block that carries early exit k,
+compute the exit's softmax entropy ``H = -sum_c p_c ln p_c`` (nats, 0 ln 0 = 0) and stop there
+when ``H < threshold_k`` (strict). A sample that takes no exit continues through the remaining
+blocks (the float32 cloud layers) to the head.
+
+Samples are processed in batches for throughput, but each decision is per sample: after every
+exit the batch is narrowed to the samples that go on, so the result is exactly that of running
+Algorithm 1 one sample at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .model import Model
+from .progress import Progress
+
+FINAL = -1  # exit index of samples that ran to the head
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Softmax entropy in nats per row, float64: H = log sum e^z - sum p z with z = l - max l."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1)
+    p = e / s[:, None]
+    return np.maximum(np.log(s) - (p * z).sum(axis=1), 0.0)
+
+
+@dataclasses.dataclass
+class Results:
+    """Per-sample outcome of Algorithm 1.
+
+    ``exit_index[i]`` is the early exit sample i took, or FINAL (-1) for the head;
+    ``entropies[i, k]`` is the entropy at exit k, NaN where exit k was not evaluated.
+    """
+    predictions: np.ndarray     # [N] int64
+    exit_index: np.ndarray      # [N] int64
+    entropies: np.ndarray       # [N, K] float64
+    logits: np.ndarray          # [N, classes] float32, of the exit that decided
+
+
+def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequence[float]] = None,
+        batch_size: int = 100, progress: Optional[Progress] = None) -> Results:
+    """Run Algorithm 1 over ``images`` (uint8 ``[N, 3, 32, 32]``) with the given executor."""
+    exits = model.exits
+    thr = [e.threshold for e in exits] if thresholds is None else [float(t) for t in thresholds]
+    if len(thr) != len(exits):
+        raise ValueError(f"{len(thr)} threshold(s) given for {len(exits)} exit(s)")
+    by_block = {}
+    for k, e in enumerate(exits):
+        by_block.setdefault(e.after_block, []).append(k)
+    n, classes = len(images), model.spec.num_classes
+    out = Results(np.zeros(n, np.int64), np.full(n, FINAL, np.int64),
+                  np.full((n, len(exits)), np.nan), np.zeros((n, classes), np.float32))
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        state = executor.stem(np.ascontiguousarray(images[idx]))
+        for b in range(len(model.blocks)):
+            state = executor.block(b, state)
+            for k in by_block.get(b, ()):
+                logits = executor.exit(k, state)
+                h = entropy(logits)
+                out.entropies[idx, k] = h
+                take = h < thr[k]
+                if take.any():
+                    out.exit_index[idx[take]] = k
+                    out.logits[idx[take]] = logits[take]
+                    keep = np.flatnonzero(~take)
+                    idx = idx[keep]
+                    state = executor.select(state, keep) if len(keep) else None
+                if len(idx) == 0:
+                    break
+            if len(idx) == 0:
+                break
+        if len(idx):
+            out.logits[idx] = executor.head(state)
+        if progress is not None:
+            progress.update(min(batch_size, n - start))
+    out.predictions[:] = out.logits.argmax(axis=1)
+    return out

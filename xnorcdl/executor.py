@@ -1,0 +1,95 @@
+"""How a backend runs the prepared layers of :mod:`xnorcdl.model`.
+
+Algorithm 1 (:mod:`xnorcdl.engine`) sees a backend only through this interface, so a backend is
+free to keep activations in any layout (packed, channels-last) between calls:
+
+* ``stem(images) -> state``     normalisation, stem conv, BN, ReLU (uint8 ``[N, 3, 32, 32]`` in)
+* ``block(b, state) -> state``   residual block b
+* ``exit(k, state) -> logits``   early exit k on the output of its block (float32 ``[N, classes]``)
+* ``head(state) -> logits``      global average pool and the final linear layer
+* ``select(state, idx) -> state`` keep only the samples ``idx`` (those that continue to the cloud)
+
+:class:`ReferenceExecutor` is the plain NumPy path, channels-first, written to be read: the
+oracle every faster backend is compared with.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import reference as ref
+from .model import Block, FloatConv, Linear, Model, QuantConv, Shortcut
+
+
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """x = (pixels / 255 - mean[c]) / std[c], float32."""
+    x = images.astype(np.float32) / np.float32(255.0)
+    return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def avg_pool(x: np.ndarray, k: int) -> np.ndarray:
+    """Average pooling, kernel k, stride k, no padding, floor mode: [N,C,H,W] -> [N,C,H//k,W//k]."""
+    n, c, h, w = x.shape
+    ho, wo = h // k, w // k
+    x = x[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k)
+    return x.mean(axis=(3, 5), dtype=np.float32)
+
+
+def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
+    """Exit (pool 3, flatten (c, h, w)) or head (global average pool), then W f + b."""
+    if layer.pool:
+        f = avg_pool(x, layer.pool).reshape(x.shape[0], -1)
+    else:
+        f = x.mean(axis=(2, 3), dtype=np.float32)
+    return f @ layer.weight.T + layer.bias
+
+
+def conv(x: np.ndarray, layer) -> np.ndarray:
+    if isinstance(layer, QuantConv):
+        return ref.quant_conv(x, layer.bn_scale, layer.bn_shift, layer.w_codes, layer.out_scale,
+                              layer.bits, layer.v0, layer.stride, layer.pad)
+    return ref.float_conv_bn(x, layer.weight, layer.bn_scale, layer.bn_shift,
+                             layer.stride, layer.pad)
+
+
+def shortcut(x: np.ndarray, sc: Shortcut) -> np.ndarray:
+    if sc.kind == "identity":
+        return x
+    if sc.kind == "zero_pad":
+        p = sc.pad_channels
+        return np.pad(x[:, :, ::2, ::2], ((0, 0), (p, p), (0, 0), (0, 0)))
+    return conv(x, sc.conv)
+
+
+def block(x: np.ndarray, blk: Block) -> np.ndarray:
+    """Edge: x + Q2(Q1(x)) with no ReLU; cloud: relu(x' + BN(conv(relu(BN(conv(x))))))."""
+    if blk.edge:
+        t = conv(conv(x, blk.conv1), blk.conv2)
+        return t + shortcut(x, blk.shortcut)
+    t = np.maximum(conv(x, blk.conv1), 0)
+    t = conv(t, blk.conv2)
+    return np.maximum(t + shortcut(x, blk.shortcut), 0)
+
+
+class ReferenceExecutor:
+    """Plain NumPy, channels-first ``[N, C, H, W]`` float32 state."""
+
+    name = "reference"
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    def stem(self, images: np.ndarray) -> np.ndarray:
+        x = normalize(images, self.model.mean, self.model.std)
+        return np.maximum(conv(x, self.model.stem), 0)
+
+    def block(self, b: int, x: np.ndarray) -> np.ndarray:
+        return block(x, self.model.blocks[b])
+
+    def exit(self, k: int, x: np.ndarray) -> np.ndarray:
+        return linear(x, self.model.exits[k])
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        return linear(x, self.model.head)
+
+    def select(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return x[idx]
