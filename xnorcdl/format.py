@@ -54,6 +54,16 @@ def load_weights(path: str) -> Tuple[ModelSpec, Dict[str, np.ndarray]]:
     """Load and validate a weights file; returns the description and the arrays."""
     path = os.fspath(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read ({exc})") from None
+    if magic != b"PK\x03\x04":
+        raise WeightsError(f"{path}: not a readable .npz archive (no zip signature); "
+                           "weights files are written by xnorcdl.format.save_weights")
+    try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:

@@ -1,0 +1,71 @@
+"""Algorithm 1 semantics: entropy, strictness, thresholds, batching."""
+import math
+
+import numpy as np
+import pytest
+
+from conftest import make_spec, random_images
+from xnorcdl import engine
+from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.format import random_weights
+from xnorcdl.model import build_model
+
+
+def test_entropy_of_uniform_is_log_c():
+    for c in (2, 10, 100):
+        assert engine.entropy(np.zeros((1, c), np.float32))[0] == pytest.approx(math.log(c), abs=1e-12)
+
+
+def test_entropy_of_one_hot_is_zero_and_handles_huge_logits():
+    h = engine.entropy(np.array([[1e4, 0, 0], [0, -1e30, 5]], np.float32))
+    assert h[0] == 0.0
+    assert h[1] == pytest.approx(-sum(p * math.log(p) for p in
+                                      np.exp([0, 5]) / np.exp([0, 5]).sum()), rel=1e-9)
+
+
+def _model(thresholds, seed=0):
+    spec = make_spec(edge_convs=6, exits=[(2, t) for t in thresholds[:1]] + [(6, t) for t in thresholds[1:]])
+    return build_model(spec, random_weights(spec, seed))
+
+
+def test_threshold_zero_means_no_exit():
+    m = _model([0.0, 0.0])
+    res = engine.run(m, random_images(8), ReferenceExecutor(m))
+    assert (res.exit_index == engine.FINAL).all()
+    assert not np.isnan(res.entropies).any()  # every exit was evaluated
+
+
+def test_huge_threshold_exits_everything_at_first_exit():
+    m = _model([1e9, 1e9])
+    res = engine.run(m, random_images(8), ReferenceExecutor(m))
+    assert (res.exit_index == 0).all()
+    assert np.isnan(res.entropies[:, 1]).all()  # exit 1 never evaluated
+
+
+def test_strict_inequality_at_equality():
+    m = _model([0.0, 0.0])
+    images = random_images(4)
+    h = engine.run(m, images, ReferenceExecutor(m)).entropies[:, 0]
+    at = engine.run(m, images, ReferenceExecutor(m), thresholds=[float(h[0]), 0.0])
+    assert at.exit_index[0] == engine.FINAL  # H == threshold does not exit
+    above = engine.run(m, images, ReferenceExecutor(m), thresholds=[float(np.nextafter(h[0], 10)), 0.0])
+    assert above.exit_index[0] == 0
+
+
+def test_batching_does_not_change_decisions():
+    m = _model([0.0, 0.0], seed=4)
+    images = random_images(12, seed=2)
+    h = engine.run(m, images, ReferenceExecutor(m)).entropies
+    thr = [float(np.median(h[:, 0])), float(np.median(h[:, 1]))]
+    one = engine.run(m, images, ReferenceExecutor(m), thr, batch_size=1)
+    many = engine.run(m, images, ReferenceExecutor(m), thr, batch_size=5)
+    assert (one.exit_index == many.exit_index).all()
+    assert (one.predictions == many.predictions).all()
+    np.testing.assert_allclose(one.logits, many.logits, rtol=1e-5, atol=1e-5)
+    assert len(set(one.exit_index.tolist())) > 1
+
+
+def test_wrong_number_of_thresholds():
+    m = _model([0.0, 0.0])
+    with pytest.raises(ValueError, match="threshold"):
+        engine.run(m, random_images(1), ReferenceExecutor(m), thresholds=[1.0])
