@@ -87,8 +87,9 @@ def summarize(model, res: engine.Results, labels, seconds: float, thresholds) ->
     return out
 
 
-def print_summary(s: dict, model, backend: str, out=sys.stdout) -> None:
+def print_summary(s: dict, model, backend: str, out=None) -> None:
     spec = model.spec
+    out = out or sys.stdout
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"model     ResNet-{spec.depth}, {spec.edge_convs}E+{spec.num_convs - spec.edge_convs}C, "
       f"{spec.edge_bits}-bit edge, {len(spec.exits)} exit(s), backend {backend}")
