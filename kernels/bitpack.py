@@ -1,0 +1,156 @@
+"""Bit packing: the one place the packing convention is stated.
+
+Convention (every packed operand in xnorcdl follows it):
+
+* A packed **word** is a ``uint64``. A sign code ``u`` in {-1, +1} is one bit, **set when u = -1**
+  (a negative value), clear when u = +1; so sign(0) = +1 is a clear bit.
+* Channels are packed **along the channel axis, LSB-first**: channel ``c`` of a pixel is bit
+  ``c % 64`` of word ``c // 64`` of that pixel (``n_words(C)`` words per pixel).
+* **Pad bits are zero in both operands**: bits at positions >= C in the last word are clear in
+  activations and in weights, so they XOR to 0 and never reach a popcount.
+
+With that convention the dot product of two K-long sign vectors a, w packed into words A, W is
+
+    sum_k a_k w_k = (#agreeing positions) - (#disagreeing positions)
+                  = (K - popcount(A XOR W)) - popcount(A XOR W) = K - 2 popcount(A XOR W),
+
+because a_k w_k = +1 exactly when the two bits agree and -1 when they differ.
+
+**k-bit codes as bit planes.** A p-bit code is the odd integer ``u = 2q - Z`` (Z = 2^p - 1,
+q in 0..Z, :mod:`xnorcdl.quant`). Writing q = sum_i 2^i b_i (b_i in {0, 1}),
+
+    u = 2 sum_i 2^i b_i - sum_i 2^i = sum_i 2^i (2 b_i - 1) = sum_i 2^i s_i,   s_i in {-1, +1},
+
+so a p-bit code is p sign planes with weights 2^i, and plane i packs ``s_i`` with the convention
+above (bit set when b_i = 0). A product of codes is then a weighted sum of sign products,
+``u_a u_w = sum_{i,j} 2^(i+j) s_ai s_wj``, each of which an XOR and a popcount computes.
+A binary code is the one-plane case (p = 1, Z = 1, u = s_0).
+
+**Storage of activations for a 3x3 convolution** (:func:`pack_activations`): ``[planes, cw, H,
+W + 2]`` uint64, i.e. word j of pixel (y, x) of plane i is ``out[i, j, y, x + 1]``. Each word is
+channel-packed (channels-last inside the word); the word index is the outer axis so that a row
+of words is contiguous along x, which lets the convolution loops run over pixels with unit
+stride. Columns 0 and W + 1 are zero words: the left and right zero padding, seen as +1 codes
+and corrected for in :mod:`xnorcdl.kernels.bitconv`.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from xnorcdl import quant
+
+WORD_BITS = 64
+
+
+def n_words(nbits: int) -> int:
+    """Words needed for ``nbits`` bits: ceil(nbits / 64)."""
+    return (int(nbits) + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """Pack a boolean array ``[..., n]`` along its last axis into ``uint64 [..., n_words(n)]``,
+    bit k of the row going to bit k % 64 of word k // 64 (LSB-first), pad bits zero."""
+    bits = np.asarray(bits, dtype=bool)
+    n = bits.shape[-1]
+    padded = np.zeros(bits.shape[:-1] + (n_words(n) * WORD_BITS,), dtype=bool)
+    padded[..., :n] = bits
+    # np.packbits is MSB-first unless told otherwise; little bit order puts bit k at 2^(k % 8) of
+    # byte k // 8, and reading 8 bytes as a little-endian uint64 then puts it at 2^(k % 64).
+    packed = np.packbits(padded, axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u8").astype(np.uint64)
+
+
+def unpack_bits(words: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``uint64 [..., w]`` -> boolean ``[..., n]``."""
+    words = np.ascontiguousarray(words, dtype="<u8")
+    bits = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    return bits[..., :n].astype(bool)
+
+
+def pack_channels(codes: np.ndarray) -> np.ndarray:
+    """Sign codes ``[..., C]`` in {-1, +1} (channels last) -> ``uint64 [..., n_words(C)]``:
+    the convention itself, bit set where the code is -1."""
+    return pack_bits(np.asarray(codes) < 0)
+
+
+def unpack_channels(words: np.ndarray, channels: int) -> np.ndarray:
+    """``uint64 [..., n_words(C)]`` -> int8 sign codes ``[..., C]``."""
+    return np.where(unpack_bits(words, channels), np.int8(-1), np.int8(1))
+
+
+def sign_planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Odd codes u of a ``bits``-bit quantizer -> int8 sign planes ``s [bits, ...]`` with
+    u = sum_i 2^i s[i] (see the module docstring); for bits = 1, ``s[0] = u``."""
+    u = np.asarray(codes).astype(np.int64)
+    z = quant.levels(bits)
+    if np.any((u < -z) | (u > z) | ((u + z) % 2 != 0)):
+        raise ValueError(f"codes must be odd integers in [-{z}, {z}] for {bits}-bit planes")
+    q = (u + z) // 2
+    return np.stack([np.where((q >> i) & 1, 1, -1).astype(np.int8) for i in range(bits)])
+
+
+def pack_weight_rows(w_codes: np.ndarray, bits: int) -> np.ndarray:
+    """Weights of a 3x3 conv, codes ``[O, C, 3, 3]`` -> ``uint64 [O, bits, 3, rw]``.
+
+    For output channel o, plane j and kernel row r, the 3C-bit *row segment* holds tap (r, kx)
+    channel c at bit ``kx * C + c`` (taps left to right, each C channels LSB-first), in
+    ``rw = n_words(3 C)`` words; :func:`xnorcdl.kernels.bitconv.row_segments` lays out the
+    activations the same way.
+    """
+    w_codes = np.asarray(w_codes)
+    o, c, kh, kw = w_codes.shape
+    if (kh, kw) != (3, 3):
+        raise ValueError(f"expected 3x3 weights, got {kh}x{kw}")
+    planes = sign_planes(w_codes, bits)                                  # [bits, O, C, 3, 3]
+    rows = planes.transpose(1, 0, 3, 4, 2).reshape(o, bits, 3, 3 * c)    # [O, bits, r, kx*C + c]
+    return pack_channels(rows)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bn(x, scale, shift):
+    """Inference BN of one value, float32, in the reference's order: ``x * scale + shift``
+    (two roundings; no FMA contraction, since the kernels are compiled without fastmath)."""
+    return x * scale + shift
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_activations(x, scale, shift, bits, v0, out):
+    """BN, quantize and pack one sample for a 3x3 convolution.
+
+    x: float32 ``[C, H, W]``; scale, shift: float32 ``[C]``; out: uint64
+    ``[bits, n_words(C), H, W + 2]`` (layout in the module docstring; overwritten, zero padding
+    columns included).
+
+    * bits = 1: ``y = x * scale + shift``; bit set when not (y >= 0), so sign(0) = +1
+      (:func:`xnorcdl.quant.sign_codes`).
+    * bits = 2, 4: ``q = floor((clip(y, -v0, v0) + v0) * (Z / v1) + 1/2)`` in float32 as
+      :func:`xnorcdl.quant.kbit_codes`; plane i bit set when bit i of q is 0.
+    """
+    c_in, h, w = x.shape
+    out[:] = 0
+    z = (1 << bits) - 1
+    v0f = np.float32(v0)
+    k = np.float32(z / (2.0 * v0))     # Z / v1 with v1 = 2 v0, rounded once as in quant.py
+    half = np.float32(0.5)
+    zero = np.float32(0.0)
+    for c in range(c_in):
+        j = c >> 6
+        b = np.uint64(c & 63)
+        s = scale[c]
+        t = shift[c]
+        for yy in range(h):
+            src = x[c, yy]
+            if bits == 1:
+                dst = out[0, j, yy]
+                for xx in range(w):
+                    y = _bn(src[xx], s, t)
+                    dst[xx + 1] |= np.uint64(not (y >= zero)) << b
+            else:
+                for xx in range(w):
+                    y = _bn(src[xx], s, t)
+                    yc = min(max(y, -v0f), v0f)
+                    q = np.int64(np.floor((yc + v0f) * k + half))
+                    for i in range(bits):
+                        out[i, j, yy, xx + 1] |= np.uint64(1 - ((q >> i) & 1)) << b
+    return out
