@@ -17,6 +17,8 @@ from typing import List, Optional
 import numpy as np
 
 from . import engine
+from .energy import (EnergyTableError, energy_summary, format_energy, load_energy_table,
+                     per_sample_records)
 from .format import WeightsError
 from .model import load_model
 from .progress import Progress
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples per batch (decisions stay per sample); default 1 fast, 100 reference")
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="write the summary and per-sample results as JSON ('-' for stdout)")
+    ap.add_argument("--energy", default=None, metavar="FILE",
+                    help="energy table (JSON, docs/COUNTING.md); default: the paper's Table I")
     ap.add_argument("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return ap
@@ -148,6 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model = load_model(args.weights)
+        table = load_energy_table(args.energy)
         thresholds = parse_thresholds(args.threshold, len(model.exits))
         path = resolve_images(args.images, args.fetch)
         images, labels = _load_images(path, args.format, args.limit, model.spec.num_classes)
@@ -160,20 +165,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             t0 = time.perf_counter()
             res = engine.run(model, images, executor, used, batch, bar)
             seconds = time.perf_counter() - t0
-    except (WeightsError, SpecError, UsageError, OSError, ValueError) as exc:
+    except (WeightsError, SpecError, EnergyTableError, UsageError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = summarize(model, res, labels, seconds, used)
     summary["backend"] = args.backend
     summary["weights"] = args.weights
     summary["images"] = path
+    summary["energy"] = energy_summary(model, res.exit_index, table)
     print_summary(summary, model, args.backend)
+    print(format_energy(summary["energy"]))
     if args.json:
+        energy = per_sample_records(model, res.exit_index, table)
         doc = {"summary": summary, "samples": [
             {"index": i, "label": None if labels is None else int(labels[i]),
              "prediction": int(res.predictions[i]),
              "exit": "final" if res.exit_index[i] == engine.FINAL else f"exit{res.exit_index[i]}",
-             "entropies": [None if np.isnan(h) else float(h) for h in res.entropies[i]]}
+             "entropies": [None if np.isnan(h) else float(h) for h in res.entropies[i]],
+             "energy": energy[i]}
             for i in range(len(res.predictions))]}
         text = json.dumps(doc, indent=1)
         if args.json == "-":
