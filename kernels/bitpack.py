@@ -40,6 +40,8 @@ import numpy as np
 
 from xnorcdl import quant
 
+from .quantize import batchnorm, kbit_level, negative_bit
+
 WORD_BITS = 64
 
 
@@ -108,13 +110,6 @@ def pack_weight_rows(w_codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bn(x, scale, shift):
-    """Inference BN of one value, float32, in the reference's order: ``x * scale + shift``
-    (two roundings; no FMA contraction, since the kernels are compiled without fastmath)."""
-    return x * scale + shift
-
-
-@numba.njit(cache=True, nogil=True)
 def pack_activations(x, scale, shift, bits, v0, out):
     """BN, quantize and pack one sample for a 3x3 convolution.
 
@@ -122,18 +117,14 @@ def pack_activations(x, scale, shift, bits, v0, out):
     ``[bits, n_words(C), H, W + 2]`` (layout in the module docstring; overwritten, zero padding
     columns included).
 
-    * bits = 1: ``y = x * scale + shift``; bit set when not (y >= 0), so sign(0) = +1
-      (:func:`xnorcdl.quant.sign_codes`).
-    * bits = 2, 4: ``q = floor((clip(y, -v0, v0) + v0) * (Z / v1) + 1/2)`` in float32 as
-      :func:`xnorcdl.quant.kbit_codes`; plane i bit set when bit i of q is 0.
+    * bits = 1: ``y = x * scale + shift``; bit set when sign(y) = -1, sign(0) = +1.
+    * bits = 2, 4: level q of :func:`~xnorcdl.kernels.quantize.kbit_level`; plane i bit set
+      when bit i of q is 0.
     """
     c_in, h, w = x.shape
     out[:] = 0
-    z = (1 << bits) - 1
     v0f = np.float32(v0)
-    k = np.float32(z / (2.0 * v0))     # Z / v1 with v1 = 2 v0, rounded once as in quant.py
-    half = np.float32(0.5)
-    zero = np.float32(0.0)
+    step = np.float32(((1 << bits) - 1) / (2.0 * v0))     # Z / v1, rounded once as in quant.py
     for c in range(c_in):
         j = c >> 6
         b = np.uint64(c & 63)
@@ -144,13 +135,10 @@ def pack_activations(x, scale, shift, bits, v0, out):
             if bits == 1:
                 dst = out[0, j, yy]
                 for xx in range(w):
-                    y = _bn(src[xx], s, t)
-                    dst[xx + 1] |= np.uint64(not (y >= zero)) << b
+                    dst[xx + 1] |= negative_bit(batchnorm(src[xx], s, t)) << b
             else:
                 for xx in range(w):
-                    y = _bn(src[xx], s, t)
-                    yc = min(max(y, -v0f), v0f)
-                    q = np.int64(np.floor((yc + v0f) * k + half))
+                    q = kbit_level(batchnorm(src[xx], s, t), v0f, step)
                     for i in range(bits):
                         out[i, j, yy, xx + 1] |= np.uint64(1 - ((q >> i) & 1)) << b
     return out

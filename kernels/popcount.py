@@ -50,15 +50,22 @@ def popcount_sum(a, b):
     return s
 
 
-def popcount_instructions(func=popcount_sum) -> set:
-    """The popcount mnemonics (``popcnt``, ``vpopcntq``, ...) in the machine code Numba generated
-    for every compiled signature of the jitted ``func``; empty when the JIT is disabled."""
+def popcount_instructions(func=popcount_sum, args=None) -> set:
+    """The popcount mnemonics (``popcnt``, ``popcntq``, ``vpopcntq``, ...) in the machine code
+    Numba generates for the jitted ``func`` called with ``args`` (default: two uint64 vectors);
+    empty when the JIT is disabled.
+
+    Numba cannot show the assembly of code it loaded from its on-disk cache, so this compiles a
+    fresh, non-caching copy of ``func`` to read it.
+    """
     if numba.config.DISABLE_JIT:
         return set()
-    if not func.signatures:
-        u = np.zeros(1, np.uint64)
-        func(u, u)
+    if args is None:
+        u = np.zeros(4, np.uint64)
+        args = (u, u)
+    fresh = numba.njit(nogil=True)(func.py_func)
+    fresh(*args)
     found = set()
-    for asm in func.inspect_asm().values():
+    for asm in fresh.inspect_asm().values():
         found.update(m.group(0) for m in re.finditer(r"\bv?popcnt[a-z]*\b", asm))
     return found

@@ -1,0 +1,177 @@
+"""Every registered conv kernel against the NumPy reference (kernels/reference.py).
+
+Quantized kernels must be bit-identical to ``reference.quant_conv``; float kernels must stay
+within the float32 error bound derived in ``FloatGemmConv`` (or be bit-identical where the
+registry says so). Inputs are generated from a drawn seed so hypothesis can shrink shapes.
+"""
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from xnorcdl import quant
+from xnorcdl.kernels import reference as ref
+from xnorcdl.kernels.bitconv import BitConv
+from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS
+
+SLOW = numba.config.DISABLE_JIT          # kernels run as plain Python: fewer, smaller cases
+MAX_C, MAX_HW = (70, 9) if SLOW else (130, 17)
+EXAMPLES = 4 if SLOW else 25
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+QUANT_CASES = [(name, bits) for name, k in QUANT_KERNELS.items() for bits in k.bits]
+
+
+def bn_inputs(rng, n, c, h, w):
+    """x, bn_scale, bn_shift with exact zeros after BN and values on quantizer boundaries.
+
+    * For about a third of the channels, ``shift = -fl(x0 * scale)`` and a fifth of the pixels
+      are x0: then ``y = fl(fl(x0 * scale) + shift) = 0`` exactly, so sign(0) = +1 is exercised.
+      A fused multiply-add would instead give the rounding error of x0 * scale, often negative,
+      so these pixels also catch an FMA contraction.
+    * Some channels have scale 0 (y = shift everywhere) or scale 0 and shift 0 (y = 0).
+    * Pixels of +-0.0 and values beyond +-1 (clipped by the k-bit quantizer) are included.
+    """
+    x = (rng.standard_normal((n, c, h, w)) * rng.choice([0.5, 1.0, 2.0])).astype(np.float32)
+    scale = rng.standard_normal(c).astype(np.float32)
+    shift = (rng.standard_normal(c) * 0.5).astype(np.float32)
+    x0 = rng.standard_normal(c).astype(np.float32)
+    zero_ch = rng.random(c) < 0.35
+    shift[zero_ch] = -(x0 * scale)[zero_ch]
+    pick = (rng.random((n, c, h, w)) < 0.2) & zero_ch[None, :, None, None]
+    x[pick] = np.broadcast_to(x0[None, :, None, None], x.shape)[pick]
+    flat = rng.random(c) < 0.1
+    scale[flat] = 0.0
+    shift[flat & (rng.random(c) < 0.5)] = 0.0
+    x[rng.random(x.shape) < 0.03] = 0.0
+    x[rng.random(x.shape) < 0.03] = -0.0
+    return x, scale, shift
+
+
+def quant_case(seed, bits, n, c, o, h, w):
+    rng = np.random.default_rng(seed)
+    x, scale, shift = bn_inputs(rng, n, c, h, w)
+    v0 = float(rng.choice([1.0, 0.5, 2.0])) if bits > 1 else 1.0
+    w_codes = quant.codes(rng.standard_normal((o, c, 3, 3)).astype(np.float32), bits, v0)
+    out_scale = (rng.random(o) + 0.1).astype(np.float32)
+    return x, scale, shift, w_codes, out_scale, v0
+
+
+def check_quant(name, bits, seed, n, c, o, h, w, stride):
+    x, scale, shift, w_codes, out_scale, v0 = quant_case(seed, bits, n, c, o, h, w)
+    conv = QUANT_KERNELS[name].build(w_codes, out_scale, scale, shift, bits, v0, stride)
+    got = conv(x)
+    want = ref.quant_conv(x, scale, shift, w_codes, out_scale, bits, v0, stride, 1)
+    assert got.shape == want.shape and got.dtype == np.float32
+    bad = np.argwhere(got != want)
+    assert len(bad) == 0, f"{len(bad)} mismatches, first at {bad[0].tolist()}: " \
+                          f"{got[tuple(bad[0])]} != {want[tuple(bad[0])]}"
+
+
+@pytest.mark.parametrize("name,bits", QUANT_CASES)
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1),
+       c=st.one_of(st.sampled_from([1, 63, 64, 65, MAX_C]), st.integers(1, MAX_C)),
+       o=st.integers(1, 9), h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW),
+       stride=st.sampled_from([1, 2]), n=st.integers(1, 2))
+def test_quant_kernel_exact(name, bits, seed, c, o, h, w, stride, n):
+    check_quant(name, bits, seed, n, c, o, h, w, stride)
+
+
+@pytest.mark.parametrize("name,bits", QUANT_CASES)
+@pytest.mark.parametrize("c", [63, 64, 65])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (7, 8)])
+def test_quant_kernel_word_boundaries(name, bits, c, stride, hw):
+    check_quant(name, bits, 7 * c + stride, 1, c, 3, hw[0], hw[1], stride)
+
+
+@pytest.mark.parametrize("name,bits", QUANT_CASES)
+def test_resnet_shapes_exact(name, bits):
+    for c, o, hw, stride in [(16, 16, 32, 1), (16, 32, 32, 2), (32, 64, 16, 2), (64, 64, 8, 1)]:
+        check_quant(name, bits, c + o + hw, 1, c, o, hw, hw, stride)
+
+
+def test_inputs_hit_zero_and_would_catch_fma():
+    """The generated inputs give exact zeros after BN, and an FMA-contracted BN (one rounding)
+    would change the sign of some of them: so a contracting kernel fails the tests above."""
+    x, scale, shift = bn_inputs(np.random.default_rng(3), 1, 64, 8, 8)
+    y = x * scale[None, :, None, None] + shift[None, :, None, None]
+    fused = (x.astype(np.float64) * scale[None, :, None, None] + shift[None, :, None, None])
+    fused = fused.astype(np.float32)     # exact product, one rounding: what an FMA gives
+    assert (y == 0).sum() > 50
+    assert (quant.sign_codes(fused) != quant.sign_codes(y)).any()
+
+
+def test_padding_correction_is_needed():
+    """Without the zero-padding correction the border outputs are wrong: the tests can fail."""
+    x, scale, shift, w_codes, out_scale, v0 = quant_case(11, 1, 1, 16, 4, 5, 5)
+    conv = BitConv(w_codes, out_scale, scale, shift, 1, v0, 1)
+    want = ref.quant_conv(x, scale, shift, w_codes, out_scale, 1, v0, 1, 1)
+    assert np.array_equal(conv(x), want)
+    conv.corr[:] = 0
+    got = conv(x)
+    assert not np.array_equal(got, want)
+    assert np.array_equal(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1])   # interior unaffected
+
+
+def test_bitconv_rejects_bad_arguments():
+    w = np.ones((2, 3, 3, 3), np.int8)
+    s = np.ones(2, np.float32)
+    c = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="stride"):
+        BitConv(w, s, c, c, 1, 1.0, 3)
+    with pytest.raises(ValueError, match="w_codes"):
+        BitConv(w[:, :, :2], s, c, c, 1, 1.0, 1)
+    with pytest.raises(ValueError, match="bn_scale"):
+        BitConv(w, s, s, c, 1, 1.0, 1)
+    with pytest.raises(ValueError, match="x: expected"):
+        BitConv(w, s, c, c, 1, 1.0, 1)(np.zeros((1, 4, 5, 5), np.float32))
+
+
+def float_bound(x, weight, scale, shift, stride, pad):
+    """2 gamma_{K+2} (|scale| sum|W||x| + |shift|): the largest distance between two float32
+    evaluations of BN(conv) that sum in different orders (derivation in FloatGemmConv)."""
+    k = weight[0].size
+    u = 2.0 ** -24
+    gamma = (k + 2) * u / (1 - (k + 2) * u)
+    mag = ref.conv2d(np.abs(x).astype(np.float64), np.abs(weight).astype(np.float64), stride, pad)
+    return 2 * gamma * (np.abs(scale)[None, :, None, None] * mag
+                        + np.abs(shift)[None, :, None, None])
+
+
+@pytest.mark.parametrize("name", list(FLOAT_KERNELS))
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), c=st.integers(1, 70), o=st.integers(1, 9),
+       h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW), n=st.integers(1, 2),
+       geometry=st.sampled_from([(3, 1, 1), (3, 2, 1), (1, 2, 0), (1, 1, 0)]))
+def test_float_kernel_within_bound(name, seed, c, o, h, w, n, geometry):
+    k, stride, pad = geometry
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    scale = rng.standard_normal(o).astype(np.float32)
+    shift = rng.standard_normal(o).astype(np.float32)
+    kernel = FLOAT_KERNELS[name]
+    got = kernel.build(weight, scale, shift, stride, pad)(x)
+    want = ref.float_conv_bn(x, weight, scale, shift, stride, pad)
+    assert got.shape == want.shape and got.dtype == np.float32
+    if kernel.exact:
+        assert np.array_equal(got, want)
+    else:
+        err = np.abs(got.astype(np.float64) - want)
+        assert (err <= float_bound(x, weight, scale, shift, stride, pad)).all()
+
+
+def test_float_kernel_buffers_reused_and_relu():
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    scale, shift = np.ones(4, np.float32), rng.standard_normal(4).astype(np.float32)
+    conv = FLOAT_KERNELS["gemm_blas_unfolded"].build(weight, scale, shift, 1, 1)
+    x1, x2 = (rng.standard_normal((1, 3, 6, 6)).astype(np.float32) for _ in range(2))
+    y1 = conv(x1).copy()
+    y2 = conv(x2, relu=True)
+    assert len(conv._buffers) == 1                  # one scratch set for the one input shape
+    assert np.array_equal(conv(x1), y1)             # a second call does not see stale data
+    assert np.array_equal(y2, np.maximum(ref.float_conv_bn(x2, weight, scale, shift, 1, 1), 0))
