@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Test figures of shipped weights files: ``python weights/recipe/evaluate.py weights/*.npz``.
+
+For each file:
+
+* the whole CIFAR-10 test split (10000 images) through the PyTorch mirror of the network
+  (train.py, eval mode) with Algorithm 1 applied to its logits: accuracy and exit fractions at
+  the file's thresholds and at the paper's fixed 0.5;
+* the first ``--subset`` test images through the engine (xnorcdl reference executor, Algorithm 1):
+  accuracy and exit counts, written to ``weights/figures.json`` (``--write``), which
+  tests/test_recipe.py checks; the engine and PyTorch decisions on the subset are compared.
+
+The test split is read here only, after training and threshold calibration are final.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("xnorcdl_recipe_train", os.path.join(HERE, "train.py"))
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
+
+from xnorcdl import engine  # noqa: E402
+from xnorcdl.data import load_cifar10  # noqa: E402
+from xnorcdl.executor import ReferenceExecutor  # noqa: E402
+from xnorcdl.model import load_model  # noqa: E402
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--subset", type=int, default=500, help="first N test images for the engine")
+    ap.add_argument("--write", action="store_true", help="update weights/figures.json")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x, y = load_cifar10("test")
+    x = np.ascontiguousarray(x)
+    fig_path = os.path.join(os.path.dirname(HERE), "figures.json")
+    figs = {"subset": {"first_test_images": args.subset, "split": "CIFAR-10 test_batch.bin",
+                       "executor": "reference"}, "files": {}}
+    if os.path.exists(fig_path):
+        with open(fig_path) as f:
+            old = json.load(f)
+        if old.get("subset", {}).get("first_test_images") == args.subset:
+            figs["files"].update(old.get("files", {}))
+    report = {}
+    for path in args.files:
+        name = os.path.basename(path)
+        model_t = T.model_from_file(path)
+        spec = model_t.spec
+        thr = [e.threshold for e in spec.exits]
+        r = {"sha256": sha256(path)}
+        if not args.skip_torch:
+            t0 = time.time()
+            logits = T.predict(model_t, torch.from_numpy(x))
+            acc, fr = T.conditional(logits, y, thr)
+            r["torch_full_test"] = {
+                "images": len(y), "seconds": round(time.time() - t0, 1),
+                "no_exit_acc": round(float((logits[-1].argmax(1).numpy() == y).mean()) * 100, 2),
+                "acc": round(acc * 100, 2), "exit_fraction": [round(f * 100, 2) for f in fr]}
+            if thr:
+                acc05, fr05 = T.conditional(logits, y, [0.5] * len(thr))
+                r["torch_full_test"].update(
+                    exit_acc=[round(float((l.argmax(1).numpy() == y).mean()) * 100, 2)
+                              for l in logits[:-1]],
+                    acc_at_0_5=round(acc05 * 100, 2),
+                    exit_fraction_at_0_5=[round(f * 100, 2) for f in fr05])
+            print(name, json.dumps(r["torch_full_test"]), flush=True)
+        n = args.subset
+        model = load_model(path)
+        t0 = time.time()
+        res = engine.run(model, x[:n], ReferenceExecutor(model), batch_size=100)
+        correct = int((res.predictions == y[:n]).sum())
+        exited = [int((res.exit_index == k).sum()) for k in range(len(model.exits))]
+        r["engine_subset"] = {"images": n, "correct": correct, "exited": exited,
+                              "acc": round(correct / n * 100, 2),
+                              "exit_fraction": [round(e / n * 100, 2) for e in exited],
+                              "seconds": round(time.time() - t0, 1)}
+        sub = T.predict(model_t, torch.from_numpy(x[:n]))
+        exit_t = np.full(n, engine.FINAL)
+        pred_t = sub[-1].argmax(1).numpy().copy()
+        left = np.ones(n, bool)
+        for k, t in enumerate(thr):
+            take = left & (T.entropy(sub[k]) < t)
+            exit_t[take] = k
+            pred_t[take] = sub[k].argmax(1).numpy()[take]
+            left &= ~take
+        r["engine_vs_torch_subset"] = {
+            "same_prediction": int((pred_t == res.predictions).sum()),
+            "same_exit": int((exit_t == res.exit_index).sum())}
+        print(name, json.dumps(r["engine_subset"]), json.dumps(r["engine_vs_torch_subset"]),
+              flush=True)
+        figs["files"][name] = {"sha256": r["sha256"], "correct": correct, "exited": exited}
+        report[name] = r
+    if args.write:
+        with open(fig_path, "w") as f:
+            json.dump(figs, f, indent=1)
+            f.write("\n")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
