@@ -192,7 +192,15 @@ class FloatGemmConv(_GemmConv):
         x = self._check(x)
         xp, cols = self._scratch(x.shape)
         pad_images(x, self.pad, xp)
-        out = self._gemm(xp, cols, self.wmat, x.shape, out)
+        return self.run_padded(xp, cols, x.shape, relu, out)
+
+    def padded_input(self, x_shape):
+        """The (padded image, cols) scratch for inputs of ``x_shape``: a caller that builds the
+        padded input itself (e.g. normalizing images into it) then calls :meth:`run_padded`."""
+        return self._scratch(tuple(x_shape))
+
+    def run_padded(self, xp, cols, x_shape, relu=False, out=None):
+        out = self._gemm(xp, cols, self.wmat, x_shape, out)
         y = out.reshape(out.shape[0], out.shape[1], -1)
         if not self.fold_bn:
             affine_channels(y, self.bn_scale, self.bn_shift, relu)
