@@ -81,41 +81,62 @@ def row_slot(r, stride, even_rows):
     return r // 2 if r % 2 == 0 else even_rows + r // 2
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tap(row, xx, w):
+    """Word of column xx of an unpadded row, or 0 (the zero padding) outside 0..w-1."""
+    return row[xx] if 0 <= xx < w else np.uint64(0)
+
+
 @numba.njit(cache=True, nogil=True)
 def row_segments(act, channels, stride, wo, out):
-    """act ``[planes, cw, H, W+2]`` (bitpack layout) -> out ``[planes, rw, (H+2) * Wo]``: the
-    row segment of padded row r (row 0 and H+1 are the zero padding) and output column ox at
+    """act ``[planes, cw, H, W]`` (bitpack layout) -> out ``[planes, rw, (H+2) * Wo]``: the
+    row segment of padded row r (rows 0 and H+1 are the zero padding) and output column ox at
     ``out[i, k, row_slot(r) * Wo + ox]``, word k of the 3C-bit concatenation of the taps at
-    padded columns ox*s, ox*s+1, ox*s+2 (tap kx at bit kx*C)."""
-    planes, cw, h, _ = act.shape
+    columns ox*s - 1, ox*s, ox*s + 1 (tap kx at bit kx*C; columns outside the image are zero)."""
+    planes, cw, h, w = act.shape
     rw = out.shape[1]
     even_rows = (h + 3) // 2
     seg = np.empty(rw + 1, np.uint64)
     one = np.uint64(1)
     top = np.uint64(63)
+    c1 = np.uint64(channels)
+    c2 = np.uint64(2 * channels)
+    # output columns whose three taps all lie inside the image: 1 <= ox < inner_end
+    inner_end = max(1, min(wo, (w - 2) // stride + 1))
     for i in range(planes):
         for r in range(h + 2):
             base = row_slot(r, stride, even_rows) * wo
             if r == 0 or r == h + 1:
                 for k in range(rw):
-                    out[i, k, base:base + wo] = 0
+                    dst = out[i, k]
+                    for ox in range(wo):
+                        dst[base + ox] = 0
                 continue
-            row = act[i, :, r - 1]
-            if cw == 1 and 3 * channels <= 64:     # whole kernel row in one word
-                c1 = np.uint64(channels)
-                c2 = np.uint64(2 * channels)
-                dst = out[i, 0]
-                src = row[0]
+            if cw == 1 and 3 * channels <= 64:     # a whole kernel row fits one word
+                src = act[i, 0, r - 1]
+                dst = out[i, 0, base:base + wo]
+                if stride == 1:                    # two copies so each loop has a constant stride
+                    for ox in range(1, inner_end):
+                        x0 = np.uint64(ox)         # the centre tap; unsigned keeps it vectorizable
+                        dst[ox] = src[x0 - one] | (src[x0] << c1) | (src[x0 + one] << c2)
+                else:
+                    for ox in range(1, inner_end):
+                        x0 = np.uint64(2 * ox)
+                        dst[ox] = src[x0 - one] | (src[x0] << c1) | (src[x0 + one] << c2)
                 for ox in range(wo):
-                    x0 = ox * stride
-                    dst[base + ox] = src[x0] | (src[x0 + 1] << c1) | (src[x0 + 2] << c2)
+                    if ox == 0 or ox >= inner_end:
+                        xc = ox * stride
+                        dst[ox] = (_tap(src, xc - 1, w) | (_tap(src, xc, w) << c1)
+                                   | (_tap(src, xc + 1, w) << c2))
                 continue
             for ox in range(wo):
-                x0 = ox * stride
                 seg[:] = 0
                 for kx in range(3):
+                    xx = ox * stride - 1 + kx
+                    if xx < 0 or xx >= w:
+                        continue
                     for j in range(cw):
-                        v = row[j, x0 + kx]
+                        v = act[i, j, r - 1, xx]
                         off = kx * channels + 64 * j
                         sh = np.uint64(off & 63)
                         seg[off >> 6] |= v << sh
@@ -127,32 +148,36 @@ def row_segments(act, channels, stride, wo, out):
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def border_pixels(h, w, ho, wo, stride):
-    """Output pixels whose window touches the zero padding: (flat index, border case) arrays."""
-    n = 0
-    idx = np.empty(ho * wo, np.int64)
-    case = np.empty(ho * wo, np.int64)
-    for oy in range(ho):
-        r0 = oy * stride                       # first window row, padded coordinates
-        cy = (TOP if r0 == 0 else 0) | (BOTTOM if r0 + 2 > h else 0)
-        for ox in range(wo):
-            x0 = ox * stride                   # first window column, padded coordinates
-            c = cy | (LEFT if x0 == 0 else 0) | (RIGHT if x0 + 2 > w else 0)
-            if c != 0:
-                idx[n] = oy * wo + ox
-                case[n] = c
-                n += 1
-    return idx[:n], case[:n]
+def border_cases(h: int, w: int, stride: int) -> np.ndarray:
+    """int ``[Ho * Wo]``: the border case of every output pixel (0 inside the image), i.e. which
+    rows/columns of its 3x3 window fall on the zero padding."""
+    ho, wo = out_size(h, stride), out_size(w, stride)
+    r0 = np.arange(ho) * stride                  # first window row / column, padded coordinates
+    x0 = np.arange(wo) * stride
+    cy = np.where(r0 == 0, TOP, 0) | np.where(r0 + 2 > h, BOTTOM, 0)
+    cx = np.where(x0 == 0, LEFT, 0) | np.where(x0 + 2 > w, RIGHT, 0)
+    return (cy[:, None] | cx[None, :]).reshape(-1)
+
+
+def base_plane(corr: np.ndarray, zzk: int, h: int, w: int, stride: int) -> np.ndarray:
+    """float32 ``[O, Ho * Wo]``: ``Z^2 K - corr[case(p), o]``, the part of A that does not depend
+    on the activations (exact: integers below 2^24)."""
+    return np.ascontiguousarray((zzk - corr[border_cases(h, w, stride)]).T, dtype=np.float32)
 
 
 @numba.njit(cache=True, nogil=True)
-def popcount_dot(rows, wp, corr, zzk, out_scale, stride, h, ho, wo, bidx, bcase, acc, out):
-    """Step 2-4 of the module docstring for one sample.
+def popcount_dot(rows, wp, base, out_scale, stride, h, ho, wo, acc, out):
+    """Steps 2-4 of the module docstring for one sample:
+    ``out[o, p] = (base[o, p] - 2 acc[o, p]) * out_scale[o]``.
 
     rows ``[pa, rw, (H+2) * Wo]`` (:func:`row_segments`), wp ``[O, pw, 3, rw]``
-    (:func:`~xnorcdl.kernels.bitpack.pack_weight_rows`), corr ``[16, O]``, zzk = Z^2 K,
-    acc int32 ``[P]`` scratch, out float32 ``[O, P]``.
+    (:func:`~xnorcdl.kernels.bitpack.pack_weight_rows`), base ``[O, P]`` (:func:`base_plane`),
+    acc int32 ``[2, P]`` scratch, out float32 ``[O, P]``. base - 2 acc is an integer below 2^24,
+    so computing it in float32 is exact and the single rounding is the final product, as in
+    ``float32(A) * out_scale[o]``.
+
+    Output channels go in pairs through the pixel loop, so each activation word loaded is
+    XORed with two weight words; an odd last channel is paired with itself.
     """
     o_n, pw, _, rw = wp.shape
     pa = rows.shape[0]
@@ -161,57 +186,62 @@ def popcount_dot(rows, wp, corr, zzk, out_scale, stride, h, ho, wo, bidx, bcase,
     b0 = 0
     b1 = wo if stride == 1 else ((h + 3) // 2) * wo
     b2 = 2 * wo if stride == 1 else wo
-    zzk_f = np.float32(zzk)
     two = np.float32(2.0)
-    for o in range(o_n):
+    acc0 = acc[0]
+    acc1 = acc[1]
+    for oa in range(0, o_n, 2):
+        ob = min(oa + 1, o_n - 1)
         first = True
         for j in range(pw):
             for i in range(pa):
-                m = np.int32(1 << (i + j))
+                sh = np.int32(i + j)                     # weight 2^(i+j) of plane pair (i, j)
                 for k in range(rw):
                     a = rows[i, k]
                     s0 = a[b0:b0 + p_n]
                     s1 = a[b1:b1 + p_n]
                     s2 = a[b2:b2 + p_n]
-                    w0 = wp[o, j, 0, k]
-                    w1 = wp[o, j, 1, k]
-                    w2 = wp[o, j, 2, k]
+                    w0, w1, w2 = wp[oa, j, 0, k], wp[oa, j, 1, k], wp[oa, j, 2, k]
+                    v0, v1, v2 = wp[ob, j, 0, k], wp[ob, j, 1, k], wp[ob, j, 2, k]
                     if first:
                         for p in range(p_n):
-                            acc[p] = np.int32(popcount(s0[p] ^ w0) + popcount(s1[p] ^ w1)
-                                              + popcount(s2[p] ^ w2)) * m
+                            x0, x1, x2 = s0[p], s1[p], s2[p]
+                            acc0[p] = np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
+                                               + popcount(x2 ^ w2)) << sh
+                            acc1[p] = np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
+                                               + popcount(x2 ^ v2)) << sh
                         first = False
                     else:
                         for p in range(p_n):
-                            acc[p] += np.int32(popcount(s0[p] ^ w0) + popcount(s1[p] ^ w1)
-                                               + popcount(s2[p] ^ w2)) * m
-        s = out_scale[o]
-        dst = out[o]
-        for p in range(p_n):                       # interior: A = Z^2 K - 2 acc, exact in float32
-            dst[p] = (zzk_f - two * np.float32(acc[p])) * s
-        for n in range(bidx.shape[0]):             # border: A = Z^2 K - 2 acc - corr[case, o]
-            p = bidx[n]
-            dst[p] = np.float32(zzk - 2 * np.int64(acc[p]) - corr[bcase[n], o]) * s
+                            x0, x1, x2 = s0[p], s1[p], s2[p]
+                            acc0[p] += np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
+                                                + popcount(x2 ^ w2)) << sh
+                            acc1[p] += np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
+                                                + popcount(x2 ^ v2)) << sh
+        for o in range(oa, ob + 1):
+            ac = acc[o - oa]
+            bo = base[o]
+            s = out_scale[o]
+            dst = out[o]
+            for p in range(p_n):
+                dst[p] = (bo[p] - two * np.float32(ac[p])) * s
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def bitconv_forward(x, bn_scale, bn_shift, bits, v0, wp, corr, out_scale, stride, out):
-    """BN -> quantize -> pack -> row segments -> popcount dot for each sample of x."""
+def bitconv_forward(x, bn_scale, bn_shift, bits, v0, wp, out_scale, stride, base, out):
+    """BN -> quantize -> pack -> row segments -> popcount dot for each sample of x; base from
+    :func:`base_plane` for this input size."""
     n_s, c_in, h, w = x.shape
     o_n, pw, _, rw = wp.shape
     ho = out.shape[2]
     wo = out.shape[3]
-    z = (1 << bits) - 1
-    zzk = z * z * 9 * c_in
-    act = np.empty((bits, (c_in + 63) // 64, h, w + 2), np.uint64)
+    act = np.empty((bits, (c_in + 63) // 64, h, w), np.uint64)
     rows = np.empty((bits, rw, (h + 2) * wo), np.uint64)
-    acc = np.empty(ho * wo, np.int32)
-    bidx, bcase = border_pixels(h, w, ho, wo, stride)
+    acc = np.empty((2, ho * wo), np.int32)
     for n in range(n_s):
         pack_activations(x[n], bn_scale, bn_shift, bits, v0, act)
         row_segments(act, c_in, stride, wo, rows)
-        popcount_dot(rows, wp, corr, zzk, out_scale, stride, h, ho, wo, bidx, bcase, acc,
+        popcount_dot(rows, wp, base, out_scale, stride, h, ho, wo, acc,
                      out[n].reshape(o_n, ho * wo))
     return out
 
@@ -251,6 +281,8 @@ class BitConv:
         self.out_scale = np.ascontiguousarray(out_scale, dtype=np.float32)
         self.bn_scale = np.ascontiguousarray(bn_scale, dtype=np.float32)
         self.bn_shift = np.ascontiguousarray(bn_shift, dtype=np.float32)
+        self.zzk = z * z * 9 * c_in          # Z^2 K
+        self._bases = {}
 
     @property
     def row_words(self) -> int:
@@ -268,4 +300,11 @@ class BitConv:
         if out is None:
             out = np.empty(self.output_shape(x.shape), np.float32)
         return bitconv_forward(x, self.bn_scale, self.bn_shift, self.bits, self.v0, self.wp,
-                               self.corr, self.out_scale, self.stride, out)
+                               self.out_scale, self.stride, self.base_plane(*x.shape[2:]), out)
+
+    def base_plane(self, h: int, w: int) -> np.ndarray:
+        """``Z^2 K - corr[case(p), o]`` for inputs of h x w, built on first use of that size."""
+        base = self._bases.get((h, w))
+        if base is None:
+            base = self._bases[(h, w)] = base_plane(self.corr, self.zzk, h, w, self.stride)
+        return base

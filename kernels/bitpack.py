@@ -27,11 +27,10 @@ above (bit set when b_i = 0). A product of codes is then a weighted sum of sign 
 A binary code is the one-plane case (p = 1, Z = 1, u = s_0).
 
 **Storage of activations for a 3x3 convolution** (:func:`pack_activations`): ``[planes, cw, H,
-W + 2]`` uint64, i.e. word j of pixel (y, x) of plane i is ``out[i, j, y, x + 1]``. Each word is
-channel-packed (channels-last inside the word); the word index is the outer axis so that a row
-of words is contiguous along x, which lets the convolution loops run over pixels with unit
-stride. Columns 0 and W + 1 are zero words: the left and right zero padding, seen as +1 codes
-and corrected for in :mod:`xnorcdl.kernels.bitconv`.
+W]`` uint64, i.e. word j of pixel (y, x) of plane i is ``out[i, j, y, x]``. Each word is
+channel-packed (channels-last inside the word); the word index is the outer axis so that a plane
+of words is contiguous over pixels, which lets packing and the convolution loops run over pixels
+with unit stride.
 """
 from __future__ import annotations
 
@@ -114,31 +113,32 @@ def pack_activations(x, scale, shift, bits, v0, out):
     """BN, quantize and pack one sample for a 3x3 convolution.
 
     x: float32 ``[C, H, W]``; scale, shift: float32 ``[C]``; out: uint64
-    ``[bits, n_words(C), H, W + 2]`` (layout in the module docstring; overwritten, zero padding
-    columns included).
+    ``[bits, n_words(C), H, W]`` (layout in the module docstring; overwritten).
 
     * bits = 1: ``y = x * scale + shift``; bit set when sign(y) = -1, sign(0) = +1.
     * bits = 2, 4: level q of :func:`~xnorcdl.kernels.quantize.kbit_level`; plane i bit set
       when bit i of q is 0.
     """
     c_in, h, w = x.shape
+    n_px = h * w
     out[:] = 0
     v0f = np.float32(v0)
     step = np.float32(((1 << bits) - 1) / (2.0 * v0))     # Z / v1, rounded once as in quant.py
+    xf = x.reshape(c_in, n_px)
+    of = out.reshape(bits, out.shape[1], n_px)
     for c in range(c_in):
         j = c >> 6
         b = np.uint64(c & 63)
         s = scale[c]
         t = shift[c]
-        for yy in range(h):
-            src = x[c, yy]
-            if bits == 1:
-                dst = out[0, j, yy]
-                for xx in range(w):
-                    dst[xx + 1] |= negative_bit(batchnorm(src[xx], s, t)) << b
-            else:
-                for xx in range(w):
-                    q = kbit_level(batchnorm(src[xx], s, t), v0f, step)
-                    for i in range(bits):
-                        out[i, j, yy, xx + 1] |= np.uint64(1 - ((q >> i) & 1)) << b
+        src = xf[c]
+        if bits == 1:
+            dst = of[0, j]
+            for p in range(n_px):
+                dst[p] |= negative_bit(batchnorm(src[p], s, t)) << b
+        else:
+            for p in range(n_px):
+                q = kbit_level(batchnorm(src[p], s, t), v0f, step)
+                for i in range(bits):
+                    of[i, j, p] |= np.uint64(1 - ((q >> i) & 1)) << b
     return out

@@ -107,10 +107,10 @@ def test_inputs_hit_zero_and_would_catch_fma():
 def test_padding_correction_is_needed():
     """Without the zero-padding correction the border outputs are wrong: the tests can fail."""
     x, scale, shift, w_codes, out_scale, v0 = quant_case(11, 1, 1, 16, 4, 5, 5)
-    conv = BitConv(w_codes, out_scale, scale, shift, 1, v0, 1)
     want = ref.quant_conv(x, scale, shift, w_codes, out_scale, 1, v0, 1, 1)
-    assert np.array_equal(conv(x), want)
-    conv.corr[:] = 0
+    assert np.array_equal(BitConv(w_codes, out_scale, scale, shift, 1, v0, 1)(x), want)
+    conv = BitConv(w_codes, out_scale, scale, shift, 1, v0, 1)
+    conv.corr[:] = 0                                  # before the first call builds base planes
     got = conv(x)
     assert not np.array_equal(got, want)
     assert np.array_equal(got[:, :, 1:-1, 1:-1], want[:, :, 1:-1, 1:-1])   # interior unaffected

@@ -1,0 +1,153 @@
+"""Per-layer convolution benchmark: every distinct 3x3 conv shape of ResNet-32 at batch 1.
+
+For each shape: the binary XNOR-popcount kernel, the 2- and 4-bit kernels (bit-plane popcount,
+direct int16, BLAS GEMM over codes), the float32 kernel (im2col + BLAS, BN folded), against NumPy
+float32 im2col + GEMM (``kernels/reference.py::conv2d``) and PyTorch ``conv2d`` (1 thread), all
+timed interleaved in one run. Every kernel is first checked against the reference (exact for the
+quantized ones). Our kernels include their BN/quantize/scale work; the peers do the bare conv.
+
+Usage::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_convs.py \\
+        [--repeat 400] [--json out.json] [--markdown out.md]
+
+Popcount napkin math for the binary kernel: one output needs ``3 * ceil(3C / 64)`` 64-bit
+XOR+popcount words (three kernel-row segments); the limit assumed is ``POPCNT_PER_CYCLE`` 64-bit
+popcounts per cycle (AMD Zen 3 runs POPCNT r64 on its four integer ALUs, reciprocal throughput
+0.25 cycle) at the clock measured with a dependent integer chain; the streaming rate of a plain
+XOR+popcount reduction over L1-resident words is reported beside it as the practical ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (pins BLAS/OpenMP threads before numpy is imported)
+
+import numpy as np  # noqa: E402
+
+from xnorcdl import quant  # noqa: E402
+from xnorcdl.kernels import reference as ref  # noqa: E402
+from xnorcdl.kernels.bitconv import BitConv  # noqa: E402
+from xnorcdl.kernels.codeconv import CodeConv  # noqa: E402
+from xnorcdl.kernels.gemmconv import CodeGemmConv, FloatGemmConv  # noqa: E402
+
+POPCNT_PER_CYCLE = 4
+# (label, C_in, C_out, side, stride); the stem stays float32 at the edge
+SHAPES = [("stem 3->16 @32", 3, 16, 32, 1), ("16->16 @32", 16, 16, 32, 1),
+          ("16->32 s2 @32", 16, 32, 32, 2), ("32->32 @16", 32, 32, 16, 1),
+          ("32->64 s2 @16", 32, 64, 16, 2), ("64->64 @8", 64, 64, 8, 1)]
+
+
+def build(c, o, side, stride, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, c, side, side)).astype(np.float32)
+    w = (rng.standard_normal((o, c, 3, 3)) * np.sqrt(2 / (9 * c))).astype(np.float32)
+    bn_s = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    bn_t = rng.normal(0, 0.2, c).astype(np.float32)
+    o_s = rng.uniform(0.5, 1.5, o).astype(np.float32)
+    o_t = rng.normal(0, 0.2, o).astype(np.float32)
+    return x, w, bn_s, bn_t, o_s, o_t
+
+
+def contenders(c, o, side, stride, seed, with_torch):
+    """name -> (callable, check) where check() verifies the result against the reference."""
+    x, w, bn_s, bn_t, o_s, o_t = build(c, o, side, stride, seed)
+    out = {}
+    fl = FloatGemmConv(w, o_s, o_t, stride, 1, fold_bn=True)
+    want_f = ref.float_conv_bn(x, w, o_s, o_t, stride, 1)
+    out["float32 gemm"] = (lambda: fl(x), lambda: np.allclose(fl(x), want_f, atol=1e-4))
+    out["numpy im2col+gemm"] = (lambda: ref.conv2d(x, w, stride, 1), lambda: True)
+    if with_torch:
+        import torch
+        torch.set_num_threads(1)
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        conv2d = torch.nn.functional.conv2d
+        with torch.no_grad():
+            want_t = conv2d(tx, tw, stride=stride, padding=1).numpy()
+
+        def run_torch():
+            with torch.no_grad():
+                return conv2d(tx, tw, stride=stride, padding=1)
+        out["torch conv2d"] = (run_torch, lambda: np.allclose(want_t, ref.conv2d(x, w, stride, 1),
+                                                               atol=1e-4))
+    if c == 3:
+        return out
+    for bits in (1, 2, 4):
+        codes = quant.codes(w, bits)
+        scale = quant.output_scale(w, bits)
+        want = ref.quant_conv(x, bn_s, bn_t, codes, scale, bits, 1.0, stride)
+        variants = {"xnor_popcount" if bits == 1 else "bitplane_popcount":
+                    BitConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)}
+        if bits > 1:
+            variants["direct_int16"] = CodeConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)
+            variants["gemm_codes_blas"] = CodeGemmConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)
+        for vname, k in variants.items():
+            out[f"{bits}-bit {vname}"] = (
+                (lambda k=k: k(x)), (lambda k=k, want=want: np.array_equal(k(x), want)))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=400, help="timed calls per contender and shape")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
+    ap.add_argument("--markdown", default=None, metavar="PATH", help="write the table as markdown")
+    args = ap.parse_args(argv)
+    info = common.machine()
+    clock = common.measured_clock_hz()
+    stream = common.streaming_popcount_words_per_s()
+    print(f"config: repeat={args.repeat} seed={args.seed} torch={not args.no_torch}")
+    print(f"machine: {info}")
+    print(f"clock (dependent chain): {clock / 1e9:.2f} GHz; popcount limit assumed "
+          f"{POPCNT_PER_CYCLE}/cycle = {POPCNT_PER_CYCLE * clock / 1e9:.1f} G words/s; "
+          f"streaming XOR+popcount measured {stream / 1e9:.2f} G words/s")
+    rows = []
+    for label, c, o, side, stride in SHAPES:
+        fns = contenders(c, o, side, stride, args.seed, not args.no_torch)
+        bad = [name for name, (_, check) in fns.items() if not check()]
+        if bad:
+            raise SystemExit(f"{label}: wrong results from {bad}")
+        times = common.time_interleaved({k: f for k, (f, _) in fns.items()}, args.repeat)
+        side_o = (side - 1) // stride + 1
+        words = o * side_o * side_o * 3 * -(-3 * c // 64)
+        for name, t in times.items():
+            row = {"shape": label, "kernel": name, "median_us": t["median"] * 1e6,
+                   "p10_us": t["p10"] * 1e6,
+                   "vs_numpy": times["numpy im2col+gemm"]["median"] / t["median"]}
+            if "torch conv2d" in times:
+                row["vs_torch"] = times["torch conv2d"]["median"] / t["median"]
+            if name.startswith("1-bit"):
+                rate = words / t["median"]
+                row["popcount_words"] = words
+                row["of_popcount_limit"] = rate / (POPCNT_PER_CYCLE * clock)
+                row["of_streaming"] = rate / stream
+            rows.append(row)
+    lines = ["| shape | kernel | median us | vs numpy | vs torch | popcount use |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        pc = (f"{100 * r['of_popcount_limit']:.0f}% of limit, {100 * r['of_streaming']:.0f}% "
+              f"of streaming" if "of_popcount_limit" in r else "")
+        vt = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-"
+        lines.append(f"| {r['shape']} | {r['kernel']} | {r['median_us']:.1f} | "
+                     f"{r['vs_numpy']:.2f}x | {vt} | {pc} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "clock_hz": clock, "streaming_words_per_s": stream,
+                       "popcnt_per_cycle_assumed": POPCNT_PER_CYCLE, "repeat": args.repeat,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
