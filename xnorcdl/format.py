@@ -104,6 +104,7 @@ def save_weights(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> N
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{META_KEY: meta}, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a weights file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
