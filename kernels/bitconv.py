@@ -166,6 +166,54 @@ def base_plane(corr: np.ndarray, zzk: int, h: int, w: int, stride: int) -> np.nd
 
 
 @numba.njit(cache=True, nogil=True)
+def row_starts(stride, h, wo):
+    """Offsets of kernel rows 0, 1, 2 of output pixel 0 in a row-segment plane (see row_slot);
+    output pixel p adds p to each."""
+    if stride == 1:
+        return 0, wo, 2 * wo
+    return 0, ((h + 3) // 2) * wo, wo
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_popcounts(rows, wp, oa, ob, starts, p_n, acc):
+    """``acc[0, p]`` / ``acc[1, p]`` = sum over plane pairs (i, j), words k and kernel rows r of
+    ``2^(i+j) popcount(S_ai XOR S_wj)`` for output channels oa / ob at every output pixel p
+    (step 2 of the module docstring). Two channels share each activation word loaded."""
+    pw, rw = wp.shape[1], wp.shape[3]
+    pa = rows.shape[0]
+    b0, b1, b2 = starts
+    acc0 = acc[0]
+    acc1 = acc[1]
+    first = True
+    for j in range(pw):
+        for i in range(pa):
+            sh = np.int32(i + j)                     # weight 2^(i+j) of plane pair (i, j)
+            for k in range(rw):
+                a = rows[i, k]
+                s0 = a[b0:b0 + p_n]
+                s1 = a[b1:b1 + p_n]
+                s2 = a[b2:b2 + p_n]
+                w0, w1, w2 = wp[oa, j, 0, k], wp[oa, j, 1, k], wp[oa, j, 2, k]
+                v0, v1, v2 = wp[ob, j, 0, k], wp[ob, j, 1, k], wp[ob, j, 2, k]
+                if first:
+                    for p in range(p_n):
+                        x0, x1, x2 = s0[p], s1[p], s2[p]
+                        acc0[p] = np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
+                                           + popcount(x2 ^ w2)) << sh
+                        acc1[p] = np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
+                                           + popcount(x2 ^ v2)) << sh
+                    first = False
+                else:
+                    for p in range(p_n):
+                        x0, x1, x2 = s0[p], s1[p], s2[p]
+                        acc0[p] += np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
+                                            + popcount(x2 ^ w2)) << sh
+                        acc1[p] += np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
+                                            + popcount(x2 ^ v2)) << sh
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
 def popcount_dot(rows, wp, base, out_scale, stride, h, ho, wo, acc, out):
     """Steps 2-4 of the module docstring for one sample:
     ``out[o, p] = (base[o, p] - 2 acc[o, p]) * out_scale[o]``.
@@ -174,49 +222,16 @@ def popcount_dot(rows, wp, base, out_scale, stride, h, ho, wo, acc, out):
     (:func:`~xnorcdl.kernels.bitpack.pack_weight_rows`), base ``[O, P]`` (:func:`base_plane`),
     acc int32 ``[2, P]`` scratch, out float32 ``[O, P]``. base - 2 acc is an integer below 2^24,
     so computing it in float32 is exact and the single rounding is the final product, as in
-    ``float32(A) * out_scale[o]``.
-
-    Output channels go in pairs through the pixel loop, so each activation word loaded is
-    XORed with two weight words; an odd last channel is paired with itself.
+    ``float32(A) * out_scale[o]``. Output channels go through :func:`pair_popcounts` in pairs;
+    an odd last channel is paired with itself.
     """
-    o_n, pw, _, rw = wp.shape
-    pa = rows.shape[0]
+    o_n = wp.shape[0]
     p_n = ho * wo
-    # start of kernel row r's segments for output pixel 0 (see row_slot)
-    b0 = 0
-    b1 = wo if stride == 1 else ((h + 3) // 2) * wo
-    b2 = 2 * wo if stride == 1 else wo
+    starts = row_starts(stride, h, wo)
     two = np.float32(2.0)
-    acc0 = acc[0]
-    acc1 = acc[1]
     for oa in range(0, o_n, 2):
         ob = min(oa + 1, o_n - 1)
-        first = True
-        for j in range(pw):
-            for i in range(pa):
-                sh = np.int32(i + j)                     # weight 2^(i+j) of plane pair (i, j)
-                for k in range(rw):
-                    a = rows[i, k]
-                    s0 = a[b0:b0 + p_n]
-                    s1 = a[b1:b1 + p_n]
-                    s2 = a[b2:b2 + p_n]
-                    w0, w1, w2 = wp[oa, j, 0, k], wp[oa, j, 1, k], wp[oa, j, 2, k]
-                    v0, v1, v2 = wp[ob, j, 0, k], wp[ob, j, 1, k], wp[ob, j, 2, k]
-                    if first:
-                        for p in range(p_n):
-                            x0, x1, x2 = s0[p], s1[p], s2[p]
-                            acc0[p] = np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
-                                               + popcount(x2 ^ w2)) << sh
-                            acc1[p] = np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
-                                               + popcount(x2 ^ v2)) << sh
-                        first = False
-                    else:
-                        for p in range(p_n):
-                            x0, x1, x2 = s0[p], s1[p], s2[p]
-                            acc0[p] += np.int32(popcount(x0 ^ w0) + popcount(x1 ^ w1)
-                                                + popcount(x2 ^ w2)) << sh
-                            acc1[p] += np.int32(popcount(x0 ^ v0) + popcount(x1 ^ v1)
-                                                + popcount(x2 ^ v2)) << sh
+        pair_popcounts(rows, wp, oa, ob, starts, p_n, acc)
         for o in range(oa, ob + 1):
             ac = acc[o - oa]
             bo = base[o]

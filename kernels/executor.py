@@ -25,6 +25,8 @@ import numpy as np
 from xnorcdl import executor as reference_executor
 from xnorcdl.model import Block, FloatConv, Model, QuantConv
 
+from .binaryblock import BinaryBlock
+from .bitconv import BitConv
 from .gemmconv import FloatGemmConv
 from .registry import quant_kernel_for
 
@@ -45,6 +47,34 @@ def normalize_into(images, mean, std, pad, out):
                 dst = out[n, c, y + pad]
                 for x in range(w):
                     dst[x + pad] = (np.float32(src[x]) / k255 - m) / s
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def avg_pool_flat(x, k, out):
+    """Average pooling, kernel k, stride k, no padding, floor mode, flattened per sample in
+    (c, h, w) order: ``out [N, C * (H//k) * (W//k)]`` (:func:`xnorcdl.executor.avg_pool`).
+
+    float32 sums in NumPy's order for ``x.reshape(n, c, ho, k, wo, k).mean(axis=(3, 5))``: the
+    k values of each window row left to right, then the k row sums top to bottom, then one
+    division by k*k. The backend tests compare exit logits bit for bit, so a change of that order
+    would show there.
+    """
+    n_s, c_in, h, w = x.shape
+    ho, wo = h // k, w // k
+    count = np.float32(k * k)
+    for n in range(n_s):
+        for c in range(c_in):
+            for i in range(ho):
+                for j in range(wo):
+                    total = np.float32(0.0)
+                    for di in range(k):
+                        row = np.float32(0.0)
+                        src = x[n, c, i * k + di]
+                        for dj in range(k):
+                            row += src[j * k + dj]
+                        total += row
+                    out[n, (c * ho + i) * wo + j] = total / count
     return out
 
 
@@ -77,6 +107,11 @@ class _PreparedBlock:
         self.pad_channels = sc.pad_channels
         # an edge block's float shortcut conv runs unfolded, like the reference (bit-identical)
         self.shortcut_conv = _float_conv(sc.conv, exact=blk.edge) if sc.kind == "conv1x1" else None
+        # two binary convs: the fused block kernel (one call, conv1's output never leaves bits)
+        self.fused = None
+        if blk.edge and isinstance(self.conv1, BitConv) and self.conv1.bits == 1:
+            self.fused = BinaryBlock(self.conv1, self.conv2, blk.conv2.bn_scale,
+                                     blk.conv2.bn_shift, sc.kind, sc.pad_channels)
 
     def add_shortcut(self, t: np.ndarray, x: np.ndarray) -> np.ndarray:
         """t += shortcut(x), in place (float32 additions, as the reference's ``t + shortcut``)."""
@@ -90,6 +125,9 @@ class _PreparedBlock:
         return t
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.fused is not None:
+            sc = self.shortcut_conv(x) if self.shortcut_conv is not None else None
+            return self.fused(x, sc)
         if self.edge:          # x + Q2(Q1(x)), no ReLU
             return self.add_shortcut(self.conv2(self.conv1(x)), x)
         t = self.conv2(self.conv1(x, relu=True))
@@ -123,7 +161,11 @@ class FastExecutor:
         return self.blocks[b](x)
 
     def exit(self, k: int, x: np.ndarray) -> np.ndarray:
-        return reference_executor.linear(x, self.model.exits[k])
+        layer = self.model.exits[k]
+        n, c, h, w = x.shape
+        f = np.empty((n, c * (h // layer.pool) * (w // layer.pool)), np.float32)
+        avg_pool_flat(x, layer.pool, f)
+        return f @ layer.weight.T + layer.bias          # the reference's own product
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return reference_executor.linear(x, self.model.head)

@@ -67,10 +67,14 @@ def im2col(xp, k, stride, ho, wo, cols):
                 for kx in range(k):
                     dst = cols[n, (c * k + ky) * k + kx]
                     for oy in range(ho):
-                        src = xp[n, c, oy * stride + ky]
-                        base = oy * wo
-                        for ox in range(wo):
-                            dst[base + ox] = src[ox * stride + kx]
+                        src = xp[n, c, oy * stride + ky, kx:]
+                        row = dst[oy * wo:oy * wo + wo]
+                        if stride == 1:          # separate loops: each has a constant stride
+                            for ox in range(wo):
+                                row[ox] = src[ox]
+                        else:
+                            for ox in range(wo):
+                                row[ox] = src[ox * stride]
     return cols
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xnorcdl import quant
 from xnorcdl.kernels import reference as ref
+from xnorcdl.kernels.binaryblock import BinaryBlock, sign_intervals
 from xnorcdl.kernels.bitconv import BitConv
 from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS
 
@@ -175,3 +176,71 @@ def test_float_kernel_buffers_reused_and_relu():
     assert len(conv._buffers) == 1                  # one scratch set for the one input shape
     assert np.array_equal(conv(x1), y1)             # a second call does not see stale data
     assert np.array_equal(y2, np.maximum(ref.float_conv_bn(x2, weight, scale, shift, 1, 1), 0))
+
+
+def block_case(seed, c, h, w, stride, kind):
+    """A binary edge block's parameters and input (conv1 C -> O with stride, conv2 O -> O)."""
+    rng = np.random.default_rng(seed)
+    o = 2 * c if stride == 2 else c
+    x, bn1_s, bn1_t = bn_inputs(rng, 2, c, h, w)
+    w1 = quant.sign_codes(rng.standard_normal((o, c, 3, 3)))
+    w2 = quant.sign_codes(rng.standard_normal((o, o, 3, 3)))
+    s1, s2 = (rng.random(o) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32), \
+        rng.random(o).astype(np.float32)
+    s1[rng.random(o) < 0.1] = 0.0                      # alpha = 0: t = 0 everywhere
+    bn2_s = (rng.standard_normal(o) * rng.choice([1e-3, 1.0, 1e3])).astype(np.float32)
+    bn2_s[rng.random(o) < 0.1] = 0.0
+    bn2_t = (rng.standard_normal(o) * rng.choice([1e-2, 1.0])).astype(np.float32)
+    # put some BN2 zero crossings exactly on an attainable t = A * s1 (sign(0) at the threshold)
+    a = rng.integers(-9 * c, 9 * c + 1, o).astype(np.float32)
+    on = rng.random(o) < 0.3
+    bn2_t[on] = -((a * s1) * bn2_s)[on]
+    sc = None
+    if kind == "conv1x1":
+        sc = rng.standard_normal((2, o, (h - 1) // stride + 1, (w - 1) // stride + 1))
+        sc = sc.astype(np.float32)
+    return x, (bn1_s, bn1_t, w1, s1), (bn2_s, bn2_t, w2, s2), sc
+
+
+def reference_block(x, p1, p2, kind, stride, sc):
+    t = ref.quant_conv(x, p1[0], p1[1], p1[2], p1[3], 1, 1.0, stride)
+    t = ref.quant_conv(t, p2[0], p2[1], p2[2], p2[3], 1, 1.0, 1)
+    if kind == "identity":
+        return t + x
+    if kind == "zero_pad":
+        p = x.shape[1] // 2
+        return t + np.pad(x[:, :, ::2, ::2], ((0, 0), (p, p), (0, 0), (0, 0)))
+    return t + sc
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), c=st.one_of(st.sampled_from([16, 32, 64, 65]),
+                                                    st.integers(1, MAX_C // 2)),
+       h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW),
+       geometry=st.sampled_from([(1, "identity"), (2, "zero_pad"), (2, "conv1x1"),
+                                 (1, "conv1x1")]))
+def test_binary_block_exact(seed, c, h, w, geometry):
+    stride, kind = geometry
+    if kind == "zero_pad" and c % 2:
+        c += 1                                          # zero-pad needs an even width
+    x, p1, p2, sc = block_case(seed, c, h, w, stride, kind)
+    conv1 = BitConv(p1[2], p1[3], p1[0], p1[1], 1, 1.0, stride)
+    conv2 = BitConv(p2[2], p2[3], p2[0], p2[1], 1, 1.0, 1)
+    block = BinaryBlock(conv1, conv2, p2[0], p2[1], kind, c // 2 if kind == "zero_pad" else 0)
+    got = block(x, sc)
+    want = reference_block(x, p1, p2, kind, stride, sc)
+    assert np.array_equal(got, want)
+
+
+def test_sign_intervals_match_enumeration():
+    """[lo, hi] is exactly the set of integer sums whose BN2(float32(A) * s1) has sign -1."""
+    rng = np.random.default_rng(9)
+    k = 144
+    s1 = np.array([0.5, 0.0, 1e-3, 2.0, 0.7], np.float32)
+    bs = np.array([1.0, -1.0, -3.0, 0.0, 1e-6], np.float32)
+    bt = np.array([-7.0, 0.5, 0.0, -1.0, rng.standard_normal()], np.float32)
+    lo, hi = sign_intervals(s1, bs, bt, k)
+    a = np.arange(-k, k + 1)
+    for o in range(len(s1)):
+        y = (a.astype(np.float32) * s1[o]) * bs[o] + bt[o]
+        assert np.array_equal(quant.sign_codes(y) < 0, (a >= lo[o]) & (a <= hi[o])), o
