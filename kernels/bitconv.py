@@ -87,33 +87,69 @@ def _tap(row, xx, w):
     return row[xx] if 0 <= xx < w else np.uint64(0)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _or_shifted_tap(src, w, stride, kx, lo_dst, hi_dst, sh, spill, inner_end, wo):
+    """lo_dst[ox] |= tap << sh and, when the C bits of the tap cross into the next word,
+    hi_dst[ox] |= tap >> (64 - sh), for tap = column ox*s - 1 + kx of src (0 outside)."""
+    shl = np.uint64(sh)
+    shr = np.uint64(64 - sh) if spill else np.uint64(0)
+    k = np.uint64(kx)
+    one = np.uint64(1)
+    if stride == 1:                  # two copies so that each loop has a constant stride
+        for ox in range(1, inner_end):
+            v = src[np.uint64(ox) + k - one]     # unsigned index: no wraparound check
+            lo_dst[ox] |= v << shl
+            if spill:
+                hi_dst[ox] |= v >> shr
+    else:
+        for ox in range(1, inner_end):
+            v = src[np.uint64(2 * ox) + k - one]
+            lo_dst[ox] |= v << shl
+            if spill:
+                hi_dst[ox] |= v >> shr
+    for ox in range(inner_end - 1, wo):    # the border columns: 0 and inner_end..wo-1
+        if ox == inner_end - 1:
+            ox = 0
+        v = _tap(src, ox * stride - 1 + kx, w)
+        lo_dst[ox] |= v << shl
+        if spill:
+            hi_dst[ox] |= v >> shr
+
+
 @numba.njit(cache=True, nogil=True)
 def row_segments(act, channels, stride, wo, out):
     """act ``[planes, cw, H, W]`` (bitpack layout) -> out ``[planes, rw, (H+2) * Wo]``: the
     row segment of padded row r (rows 0 and H+1 are the zero padding) and output column ox at
     ``out[i, k, row_slot(r) * Wo + ox]``, word k of the 3C-bit concatenation of the taps at
-    columns ox*s - 1, ox*s, ox*s + 1 (tap kx at bit kx*C; columns outside the image are zero)."""
+    columns ox*s - 1, ox*s, ox*s + 1 (tap kx at bit kx*C; columns outside the image are zero).
+
+    Up to 21 channels the segment is one word, ``t0 | t1 << C | t2 << 2C``; up to 64 channels
+    (one word per pixel) tap kx lands at word kx*C // 64, shifted left by kx*C % 64, its top
+    bits spilling into the next word. Either way the loops over output columns vectorize. Wider
+    inputs take a scalar path that appends word by word.
+    """
     planes, cw, h, w = act.shape
     rw = out.shape[1]
     even_rows = (h + 3) // 2
     seg = np.empty(rw + 1, np.uint64)
     one = np.uint64(1)
     top = np.uint64(63)
-    c1 = np.uint64(channels)
-    c2 = np.uint64(2 * channels)
     # output columns whose three taps all lie inside the image: 1 <= ox < inner_end
     inner_end = max(1, min(wo, (w - 2) // stride + 1))
     for i in range(planes):
         for r in range(h + 2):
             base = row_slot(r, stride, even_rows) * wo
-            if r == 0 or r == h + 1:
-                for k in range(rw):
+            if r == 0 or r == h + 1 or not (cw == 1 and 3 * channels <= 64):
+                for k in range(rw):                # zero rows, or the words the taps OR into
                     dst = out[i, k]
                     for ox in range(wo):
                         dst[base + ox] = 0
+            if r == 0 or r == h + 1:               # the zero padding rows
                 continue
+            src = act[i, 0, r - 1]
             if cw == 1 and 3 * channels <= 64:     # a whole kernel row fits one word
-                src = act[i, 0, r - 1]
+                c1 = np.uint64(channels)
+                c2 = np.uint64(2 * channels)
                 dst = out[i, 0, base:base + wo]
                 if stride == 1:                    # two copies so each loop has a constant stride
                     for ox in range(1, inner_end):
@@ -123,11 +159,22 @@ def row_segments(act, channels, stride, wo, out):
                     for ox in range(1, inner_end):
                         x0 = np.uint64(2 * ox)
                         dst[ox] = src[x0 - one] | (src[x0] << c1) | (src[x0 + one] << c2)
-                for ox in range(wo):
-                    if ox == 0 or ox >= inner_end:
-                        xc = ox * stride
-                        dst[ox] = (_tap(src, xc - 1, w) | (_tap(src, xc, w) << c1)
-                                   | (_tap(src, xc + 1, w) << c2))
+                for ox in range(inner_end - 1, wo):    # border columns: 0, inner_end..wo-1
+                    if ox == inner_end - 1:
+                        ox = 0
+                    xc = ox * stride
+                    dst[ox] = (_tap(src, xc - 1, w) | (_tap(src, xc, w) << c1)
+                               | (_tap(src, xc + 1, w) << c2))
+                continue
+            if cw == 1:
+                for kx in range(3):
+                    off = kx * channels
+                    wi = off >> 6
+                    sh = off & 63
+                    spill = sh + channels > 64
+                    lo_dst = out[i, wi, base:base + wo]
+                    hi_dst = out[i, wi + 1 if spill else wi, base:base + wo]
+                    _or_shifted_tap(src, w, stride, kx, lo_dst, hi_dst, sh, spill, inner_end, wo)
                 continue
             for ox in range(wo):
                 seg[:] = 0
