@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .bitconv import BitConv, pair_popcounts, row_segments, row_starts
+from .bitconv import BitConv, as_float32_nchw, pair_popcounts, row_segments, row_starts
 from .bitpack import pack_activations
 
 IDENTITY, ZERO_PAD, GIVEN = 0, 1, 2         # shortcut kinds understood by the jitted block
@@ -144,20 +144,19 @@ class BinaryBlock:
         self._no_shortcut = np.zeros((1, 1, 1, 1), np.float32)
 
     def _planes(self, h, w):
+        """(Ho, Wo, conv1 base plane as int32, conv2 base plane) for inputs of h x w."""
         planes = self._bases.get((h, w))
         if planes is None:
-            ho, wo = (h - 1) // self.conv1.stride + 1, (w - 1) // self.conv1.stride + 1
-            base1 = self.conv1.base_plane(h, w).astype(np.int32)
-            planes = self._bases[(h, w)] = (base1, self.conv2.base_plane(ho, wo))
+            ho, wo, base1 = self.conv1.geometry(h, w)
+            planes = self._bases[(h, w)] = (ho, wo, base1.astype(np.int32),
+                                            self.conv2.base_plane(ho, wo))
         return planes
 
     def __call__(self, x: np.ndarray, shortcut: np.ndarray = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
         c1 = self.conv1
-        if x.ndim != 4 or x.shape[1] != c1.in_channels:
-            raise ValueError(f"x: expected float32 [N, {c1.in_channels}, H, W], got {x.shape}")
-        base1, base2 = self._planes(*x.shape[2:])
-        out = np.empty(c1.output_shape(x.shape), np.float32)
+        x = as_float32_nchw(x, c1.in_channels)
+        ho, wo, base1, base2 = self._planes(*x.shape[2:])
+        out = np.empty((x.shape[0], c1.out_channels, ho, wo), np.float32)
         if self.kind == GIVEN:
             if shortcut is None or shortcut.shape != out.shape:
                 raise ValueError(f"shortcut: expected {out.shape}, got "

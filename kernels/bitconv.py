@@ -355,18 +355,30 @@ class BitConv:
         return (n, self.out_channels, out_size(h, self.stride), out_size(w, self.stride))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected float32 [N, {self.in_channels}, H, W], got shape "
-                             f"{x.shape}")
+        x = as_float32_nchw(x, self.in_channels)
+        ho, wo, base = self.geometry(*x.shape[2:])
         if out is None:
-            out = np.empty(self.output_shape(x.shape), np.float32)
+            out = np.empty((x.shape[0], self.out_channels, ho, wo), np.float32)
         return bitconv_forward(x, self.bn_scale, self.bn_shift, self.bits, self.v0, self.wp,
-                               self.out_scale, self.stride, self.base_plane(*x.shape[2:]), out)
+                               self.out_scale, self.stride, base, out)
+
+    def geometry(self, h: int, w: int):
+        """(Ho, Wo, base plane) for inputs of h x w, built on first use of that size."""
+        geo = self._bases.get((h, w))
+        if geo is None:
+            geo = self._bases[(h, w)] = (out_size(h, self.stride), out_size(w, self.stride),
+                                         base_plane(self.corr, self.zzk, h, w, self.stride))
+        return geo
 
     def base_plane(self, h: int, w: int) -> np.ndarray:
-        """``Z^2 K - corr[case(p), o]`` for inputs of h x w, built on first use of that size."""
-        base = self._bases.get((h, w))
-        if base is None:
-            base = self._bases[(h, w)] = base_plane(self.corr, self.zzk, h, w, self.stride)
-        return base
+        """``Z^2 K - corr[case(p), o]`` for inputs of h x w."""
+        return self.geometry(h, w)[2]
+
+
+def as_float32_nchw(x, channels: int) -> np.ndarray:
+    """x as a C-contiguous float32 ``[N, channels, H, W]`` array (no copy when it already is)."""
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"x: expected float32 [N, {channels}, H, W], got shape {x.shape}")
+    return x

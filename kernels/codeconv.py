@@ -60,7 +60,8 @@ def padded_codes(x, bn_scale, bn_shift, bits, v0, out):
             src = x[c, y]
             dst = out[c, y + 1]
             for xx in range(w):
-                dst[xx + 1] = np.int16(2) * np.int16(kbit_level(batchnorm(src[xx], s, t), v0f, step)) - z
+                q = np.int16(kbit_level(batchnorm(src[xx], s, t), v0f, step))
+                dst[xx + 1] = np.int16(2) * q - z
     return out
 
 
@@ -105,7 +106,8 @@ def stencil_dot(codes, w9, offs, n_q, acc, part):
                 part[q] = 0
             for c in range(c0, min(c0 + GROUP, c_in)):
                 w = w9[o, c]
-                w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+                w0, w1, w2, w3, w4, w5 = w[0], w[1], w[2], w[3], w[4], w[5]
+                w6, w7, w8 = w[6], w[7], w[8]
                 src = codes[c]
                 for qi in range(n_q):
                     q = np.uint64(qi)

@@ -84,7 +84,7 @@ def _float_conv(layer: FloatConv, exact: bool) -> FloatGemmConv:
 
 
 def _quant_conv(layer: QuantConv, in_shape):
-    kernel = quant_kernel_for(layer.bits, in_shape)
+    kernel = quant_kernel_for(layer.bits, in_shape, layer.stride)
     return kernel.build(layer.w_codes, layer.out_scale, layer.bn_scale, layer.bn_shift,
                         layer.bits, layer.v0, layer.stride)
 

@@ -52,7 +52,8 @@ def pad_codes(x, bn_scale, bn_shift, bits, v0, out):
                 src = x[n, c, y]
                 dst = out[n, c, y + 1]
                 for xx in range(w):
-                    dst[xx + 1] = np.float32(2 * kbit_level(batchnorm(src[xx], s, t), v0f, step) - z)
+                    q = kbit_level(batchnorm(src[xx], s, t), v0f, step)
+                    dst[xx + 1] = np.float32(2 * q - z)
     return out
 
 

@@ -62,17 +62,23 @@ FLOAT_KERNELS: Dict[str, Kernel] = {k.name: k for k in (
 )}
 
 
-def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int]) -> Kernel:
+def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int], stride: int = 1) -> Kernel:
     """The kernel the fast executor uses for a QuanConv with input ``(C, H, W)``.
 
-    Binary: the XNOR-popcount kernel. 2 bits: the bit-plane kernel (4 plane pairs); 4 bits: the
-    direct int16 kernel, except at small images where its per-row loops are short and the
-    16 plane pairs still cost less (measured in benchmarks/bench_convs.py).
+    From benchmarks/bench_convs.py on the 2-core AVX2 machine (benchmarks/RESULTS.md):
+
+    * 1 bit: the XNOR-popcount kernel (6-11x NumPy's float32 GEMM conv).
+    * 2 bits: the direct int16 kernel on 32x32 inputs, where its long pixel loops win; the
+      bit-plane kernel (4 plane pairs) below that, where output pixels are few.
+    * 4 bits: the direct int16 kernel while there are at least 256 output pixels; on smaller
+      outputs its short loops lose to one BLAS sgemm over the codes. 16 plane pairs never win.
     """
+    c, h, w = in_shape
+    out_pixels = ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
     if bits == 1:
         return QUANT_KERNELS["xnor_popcount"]
     if bits == 2:
-        return QUANT_KERNELS["bitplane_popcount"]
+        return QUANT_KERNELS["direct_int16" if h * w >= 1024 else "bitplane_popcount"]
     if bits == 4:
-        return QUANT_KERNELS["direct_int16"]
+        return QUANT_KERNELS["direct_int16" if out_pixels >= 256 else "gemm_codes_blas"]
     raise ValueError(f"bits: expected 1, 2 or 4, got {bits!r}")

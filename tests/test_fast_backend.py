@@ -1,8 +1,8 @@
 """FastExecutor against ReferenceExecutor: same predictions, same exits, same edge activations.
 
-Depth-32 networks (20 edge convs, one exit after conv 20) with random weights (xnorcdl.format.random_weights) and random images. The
-exit threshold is set to the median exit entropy, so about half of the samples leave at the edge
-and half continue through the cloud.
+Depth-32 networks (20 edge convs, one exit after conv 20) with random weights
+(xnorcdl.format.random_weights) and random images. The exit threshold is set to the median exit
+entropy, so about half of the samples leave at the edge and half continue through the cloud.
 """
 import numba
 import numpy as np
