@@ -136,6 +136,29 @@ def row_segments(act, channels, stride, wo, out):
     top = np.uint64(63)
     # output columns whose three taps all lie inside the image: 1 <= ox < inner_end
     inner_end = max(1, min(wo, (w - 2) // stride + 1))
+    if stride == 1 and cw == 1 and 3 * channels <= 64 and w >= 2:
+        # the common small case as one flat loop over the image (rows 1..H are contiguous in
+        # out for stride 1), then the two border columns of every row fixed up
+        c1 = np.uint64(channels)
+        c2 = np.uint64(2 * channels)
+        one = np.uint64(1)
+        n_px = h * w
+        for i in range(planes):
+            src = act[i, 0].reshape(n_px)
+            dst = out[i, 0]
+            for q in range(w):
+                dst[q] = 0
+                dst[(h + 1) * w + q] = 0
+            body = dst[w:w + n_px]
+            for q in range(1, n_px - 1):
+                u = np.uint64(q)
+                body[q] = src[u - one] | (src[u] << c1) | (src[u + one] << c2)
+            for y in range(h):
+                q0 = y * w
+                q1 = q0 + w - 1
+                body[q0] = (src[q0] << c1) | (src[q0 + 1] << c2)
+                body[q1] = src[q1 - 1] | (src[q1] << c1)
+        return out
     for i in range(planes):
         for r in range(h + 2):
             base = row_slot(r, stride, even_rows) * wo
