@@ -17,12 +17,6 @@ def batchnorm(x, scale, shift):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def negative_bit(y):
-    """1 when sign(y) = -1, else 0, with sign(0) = +1 (and NaN -> -1, as quant.sign_codes)."""
-    return np.uint64(not (y >= np.float32(0.0)))
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def kbit_level(y, v0, step):
     """q = floor((clip(y, -v0, v0) + v0) * step + 1/2) in {0..Z}, float32, with step = Z / v1
     as a float32 constant (``quant.kbit_codes``); the code is u = 2q - Z.
