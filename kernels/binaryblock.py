@@ -71,6 +71,7 @@ def binary_block_forward(x, bn1_scale, bn1_shift, wp1, base1, lo, hi, stride,
     act2 = np.empty((1, (o_n + 63) // 64, ho, wo), np.uint64)
     rows2 = np.empty((1, wp2.shape[3], (ho + 2) * wo), np.uint64)
     acc = np.empty((2, p_n), np.int32)
+    halves = np.empty((2 * act2.shape[1], p_n), np.uint32)
     starts1 = row_starts(stride, h, wo)
     starts2 = row_starts(1, ho, wo)
     two = np.float32(2.0)
@@ -79,8 +80,8 @@ def binary_block_forward(x, bn1_scale, bn1_shift, wp1, base1, lo, hi, stride,
         # conv1: pack x, popcount, and pack the signs of conv2's input from the integer sums
         pack_activations(x[n], bn1_scale, bn1_shift, 1, 1.0, act1)
         row_segments(act1, c_in, stride, wo, rows1)
-        a2 = act2.reshape(act2.shape[1], p_n)
-        a2[:] = 0
+        # bits of channel o go to 32-bit half word o // 32 (8 AVX2 lanes), joined below
+        halves[:] = 0
         for oa in range(0, o_n, 2):
             ob = min(oa + 1, o_n - 1)
             pair_popcounts(rows1, wp1, oa, ob, starts1, p_n, acc)
@@ -88,12 +89,19 @@ def binary_block_forward(x, bn1_scale, bn1_shift, wp1, base1, lo, hi, stride,
                 ac = acc[o - oa]
                 bo = base1[o]
                 lo_o, hi_o = lo[o], hi[o]
-                dst = a2[o >> 6]
-                b = np.uint64(o & 63)
+                dst = halves[o >> 5]
+                b = np.uint32(o & 31)
                 for p in range(p_n):
                     # A1, an exact integer; int32 throughout keeps the loop 8 lanes wide
                     a = np.int32(bo[p] - np.int32(2) * ac[p])
-                    dst[p] |= np.uint64(np.uint32((a >= lo_o) & (a <= hi_o))) << b
+                    dst[p] |= np.uint32((a >= lo_o) & (a <= hi_o)) << b
+        a2 = act2.reshape(act2.shape[1], p_n)
+        for j in range(a2.shape[0]):
+            dst64 = a2[j]
+            lo_half = halves[2 * j]
+            hi_half = halves[2 * j + 1]
+            for p in range(p_n):
+                dst64[p] = np.uint64(lo_half[p]) | (np.uint64(hi_half[p]) << np.uint64(32))
         # conv2 on those bits, then + shortcut(x)
         row_segments(act2, o_n, 1, wo, rows2)
         dst_n = out[n].reshape(o_n, p_n)
