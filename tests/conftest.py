@@ -1,5 +1,10 @@
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
+
+# One BLAS thread for the whole suite: the engine runs small batch-1 GEMMs next to Numba
+# kernels, and on two cores a multi-threaded BLAS mostly spins (tens of times slower here).
+_BLAS_LIMIT = threadpool_limits(1)
 
 from xnorcdl.format import random_weights, save_weights
 from xnorcdl.spec import ExitSpec, ModelSpec

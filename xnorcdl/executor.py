@@ -31,7 +31,9 @@ def avg_pool(x: np.ndarray, k: int) -> np.ndarray:
     n, c, h, w = x.shape
     ho, wo = h // k, w // k
     x = x[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k)
-    return x.mean(axis=(3, 5), dtype=np.float32)
+    # summation order made explicit (each window row, then the rows), so that a fast backend can
+    # reproduce the float32 result bit for bit
+    return x.sum(axis=5, dtype=np.float32).sum(axis=3, dtype=np.float32) / np.float32(k * k)
 
 
 def linear(x: np.ndarray, layer: Linear) -> np.ndarray:

@@ -15,6 +15,7 @@ import time
 from typing import List, Optional
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import engine
 from .energy import (EnergyTableError, energy_summary, format_energy, load_energy_table,
@@ -35,7 +36,10 @@ def resolve_images(path: str, fetch: bool) -> str:
     """An existing path, or a CIFAR-10 file name looked up in the data cache."""
     if os.path.exists(path) or os.path.basename(path) != path or path not in CIFAR10_FILES:
         return path
-    from .data import cifar10_dir
+    from .data import cifar10_dir, default_dest
+    cached = os.path.join(default_dest(), path)
+    if os.path.isfile(cached):  # placed atomically after its MD5 check by `xnorcdl.data`
+        return cached
     return os.path.join(cifar10_dir(fetch=fetch), path)
 
 
@@ -128,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the summary and per-sample results as JSON ('-' for stdout)")
     ap.add_argument("--energy", default=None, metavar="FILE",
                     help="energy table (JSON, docs/COUNTING.md); default: the paper's Table I")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS threads for the float32 layers (batch-1 inference is fastest on one)")
     ap.add_argument("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return ap
@@ -161,7 +167,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if batch < 1:
             raise UsageError(f"--batch-size: expected a positive integer, got {batch}")
         used = thresholds or [e.threshold for e in model.exits]
-        with Progress(len(images), "infer", enabled=None if not args.no_progress else False) as bar:
+        if args.threads < 1:
+            raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
+        with Progress(len(images), "infer", enabled=None if not args.no_progress else False) as bar, \
+                threadpool_limits(args.threads):
             t0 = time.perf_counter()
             res = engine.run(model, images, executor, used, batch, bar)
             seconds = time.perf_counter() - t0
