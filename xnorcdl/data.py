@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -346,15 +346,18 @@ def fetch_cifar10(dest: Optional[str] = None, source: Optional[str] = None,
 
 
 def cifar10_dir(dest: Optional[str] = None, fetch: bool = True,
-                md5: Optional[Mapping[str, str]] = None) -> str:
-    """The folder holding the verified CIFAR-10 files, fetched first when missing and ``fetch``."""
+                md5: Optional[Mapping[str, str]] = None,
+                need: Optional[Sequence[str]] = None) -> str:
+    """The folder holding the verified CIFAR-10 files ``need`` (default: all of them), fetched
+    first when one is missing or damaged and ``fetch``."""
     folder = dest or default_dest()
+    need = list(CIFAR10_FILES if need is None else need)
     states = file_states(folder, md5) if os.path.isdir(folder) else {}
-    if states and all(s == "ok" for s in states.values()):
+    if states and all(states.get(n) == "ok" for n in need):
         return folder
     if fetch:
         return fetch_cifar10(folder, md5=md5)
-    bad = [n for n in CIFAR10_FILES if states.get(n, "missing") != "ok"]
+    bad = [n for n in need if states.get(n, "missing") != "ok"]
     command = FETCH_COMMAND + (f" --dest {dest}" if dest else "")
     raise DataError(f"CIFAR-10 is not ready in {folder} (missing or damaged: {', '.join(bad)}); "
                     f"run: {command}")
@@ -364,11 +367,13 @@ def load_cifar10(split: str, dest: Optional[str] = None, fetch: bool = True,
                  md5: Optional[Mapping[str, str]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``(images [N, 3, 32, 32] uint8, labels [N] int64)`` for ``split`` "train" or "test".
 
-    The test split is a read-only memory map; train concatenates batches 1..5 (a copy).
+    Only the files of ``split`` need to be present. The test split is a read-only memory map;
+    train concatenates batches 1..5 (a copy).
     """
     if split not in ("train", "test"):
         raise DataError(f"split: expected 'train' or 'test', got {split!r}")
-    folder = cifar10_dir(dest, fetch, md5)
+    names = [TEST_FILE] if split == "test" else list(TRAIN_FILES)
+    folder = cifar10_dir(dest, fetch, md5, need=names)
     if split == "test":
         return read_records(os.path.join(folder, TEST_FILE), "cifar10")
     parts = [read_records(os.path.join(folder, n), "cifar10") for n in TRAIN_FILES]

@@ -350,20 +350,35 @@ class Data:
             self.x_val, self.y_val = self.x_val[:limit_val], self.y_val[:limit_val]
         self.padded = F.pad(self.x_train, (4, 4, 4, 4))  # zero pixels, uint8
 
+    def to(self, device) -> "Data":
+        """Keep the (padded) training images and labels on ``device``: augmentation then runs
+        there as one gather per batch."""
+        self.padded = self.padded.to(device)
+        self.y_train = self.y_train.to(device)
+        return self
+
     def batches(self, batch: int, gen: torch.Generator):
-        """Shuffled, augmented batches (random 32x32 crop of the 4-padded image, random h-flip)."""
+        """Shuffled, augmented batches: a random 32x32 crop of the 4-padded image, flipped
+        horizontally with probability 1/2, gathered for the whole batch at once.
+
+        The random draws (permutation, x and y offsets, flips) come from ``gen`` on the CPU in
+        a fixed order, so a seed gives the same batches on every device. Output pixel (c, i, j)
+        is ``padded[c, oy + i, ox + j]``, or ``padded[c, oy + i, ox + 31 - j]`` when flipped.
+        """
         n = len(self.x_train)
+        dev = self.padded.device
+        ar = torch.arange(32, device=dev)
+        ch = torch.arange(3, device=dev)[None, :, None, None]
         perm = torch.randperm(n, generator=gen)
         for s in range(0, n - batch + 1 if n >= batch else 1, batch):
             idx = perm[s:s + batch]
             ox = torch.randint(0, 9, (len(idx),), generator=gen)
             oy = torch.randint(0, 9, (len(idx),), generator=gen)
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            imgs = torch.empty(len(idx), 3, 32, 32, dtype=torch.uint8)
-            for r, i in enumerate(idx.tolist()):
-                a, b = int(oy[r]), int(ox[r])
-                im = self.padded[i, :, a:a + 32, b:b + 32]
-                imgs[r] = im.flip(2) if flip[r] else im
+            idx, ox, oy, flip = (t.to(dev, non_blocking=True) for t in (idx, ox, oy, flip))
+            rows = (oy[:, None] + ar)[:, None, :, None]
+            cols = torch.where(flip[:, None], ox[:, None] + 31 - ar, ox[:, None] + ar)
+            imgs = self.padded[idx[:, None, None, None], ch, rows, cols[:, None, None, :]]
             yield imgs, self.y_train[idx]
 
     def steps_per_epoch(self, batch: int) -> int:
@@ -496,6 +511,56 @@ def make_sched(opt, kind: str, lr: float, total: int, warmup_frac: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def lr_at(kind: str, lr: float, p: float, warmup_frac: float) -> float:
+    """Learning rate at progress p in [0, 1] (fraction of the budget spent), the shapes of
+    :func:`make_sched`: ``onecycle`` rises from lr/10 to lr over ``warmup_frac`` along a half
+    cosine, then falls to lr/1000 along a half cosine; ``cosine`` rises linearly, then falls to 0."""
+    p = min(max(p, 0.0), 1.0)
+    w = max(warmup_frac, 1e-9)
+    if kind == "onecycle":
+        lo, hi, end = lr / 10.0, lr, lr / 1000.0
+        if p < w:
+            return hi + (lo - hi) / 2 * (1 + math.cos(math.pi * p / w))
+        return end + (hi - end) / 2 * (1 + math.cos(math.pi * (p - w) / max(1e-9, 1 - w)))
+    if p < w:
+        return lr * p / w
+    return lr * 0.5 * (1 + math.cos(math.pi * (p - w) / max(1e-9, 1 - w)))
+
+
+class TimeSched:
+    """Learning-rate schedule driven by wall-clock time (``--time-budget``): before every step the
+    rate is :func:`lr_at` of the fraction of the phase's budget spent so far; the phase ends at
+    the first step that finds the budget spent. Momentum stays at the optimizer's 0.9. The
+    number of epochs and steps this gives is recorded in the log and the file's provenance."""
+
+    def __init__(self, opt, kind: str, lr: float, budget: float, warmup_frac: float):
+        self.opt, self.kind, self.lr, self.budget, self.warmup = opt, kind, lr, budget, warmup_frac
+        self.spent, self.t0, self.steps = 0.0, time.time(), 0
+        self.step(count=False)
+
+    def progress(self) -> float:
+        return (self.spent + time.time() - self.t0) / self.budget
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    def step(self, count: bool = True) -> None:
+        self.steps += int(count)
+        self.last = lr_at(self.kind, self.lr, self.progress(), self.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = self.last
+
+    def get_last_lr(self) -> List[float]:
+        return [self.last]
+
+    def state_dict(self) -> dict:
+        return {"spent": self.spent + time.time() - self.t0, "steps": self.steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.spent, self.steps, self.t0 = d["spent"], d["steps"], time.time()
+        self.step(count=False)
+
+
 class Logger:
     def __init__(self, path: Optional[str]):
         self.f = open(path, "a", buffering=1) if path else None
@@ -539,7 +604,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exit-weights", default="", help="lambda_k of eq. (5) per early exit; the head gets 1 - sum")
     a("--shortcut", default="zero_pad", choices=("zero_pad", "conv1x1"))
     a("--strategy", default="joint", choices=("joint", "separate"))
-    a("--epochs", type=int, required=True)
+    a("--epochs", type=int, default=0, help="epochs (phase 1 of separate); or use --time-budget")
+    a("--time-budget", type=float, default=0.0,
+      help="seconds of training instead of --epochs: the learning rate follows the wall clock "
+           "(separate: --exit-budget-frac of it trains the exits)")
+    a("--exit-budget-frac", type=float, default=0.2, help="separate with --time-budget")
     a("--exit-epochs", type=int, default=0, help="separate: epochs for the exits (0: max(1, epochs // 4))")
     a("--batch", type=int, default=128)
     a("--lr", type=float, default=0.1, help="peak learning rate")
@@ -561,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", type=int, default=0, choices=(0, 1))
     a("--device", default="cpu", choices=("cpu", "cuda"))
     a("--log-every", type=int, default=50)
+    a("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     return ap
 
 
@@ -583,26 +653,37 @@ def resolve(args) -> dict:
     ckpt = args.ckpt_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "xnorcdl", "runs", os.path.splitext(os.path.basename(args.out))[0])
+    if (args.epochs > 0) == (args.time_budget > 0):
+        raise SystemExit("error: give exactly one of --epochs N (> 0) and --time-budget SECONDS")
+    if not 0.0 < args.exit_budget_frac < 1.0:
+        raise SystemExit("error: --exit-budget-frac must lie strictly between 0 and 1")
     cfg = dict(vars(args))
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
-               exit_epochs=(args.exit_epochs or max(1, args.epochs // 4))
+               exit_epochs=(args.exit_epochs or max(1, args.epochs // 4) if args.epochs else 0)
                if args.strategy == "separate" and exits else 0)
     return cfg
 
 
 def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_epochs,
                 frozen=False):
+    """One pass over the shuffled training images (fewer steps with --max-steps, or when a
+    --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
+    a GPU is never made to wait for the host. Returns (mean loss, seconds, steps done)."""
     model.train()
     if frozen:  # separate optimisation, phase 2: BN in inference mode, convs frozen
         model.eval()
     steps = data.steps_per_epoch(cfg["batch"])
     if cfg["max_steps"]:
         steps = min(steps, cfg["max_steps"])
+    timed = isinstance(sched, TimeSched)
     t0 = time.time()
-    tot_loss, tot_correct, seen = 0.0, np.zeros(len(weights)), 0
     dev = cfg["device"]
+    tot_loss = torch.zeros((), dtype=torch.float64, device=dev)
+    tot_correct = torch.zeros(len(weights), dtype=torch.int64, device=dev)
+    seen = done = 0
+    of = "?" if timed else str(total_epochs)
     for step, (xb, yb) in enumerate(data.batches(cfg["batch"], gen)):
-        if step >= steps:
+        if step >= steps or (timed and sched.done()):
             break
         xb, yb = xb.to(dev), yb.to(dev)
         if frozen:
@@ -620,17 +701,20 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
         loss.backward()
         opt.step()
         sched.step()
-        tot_loss += loss.item() * len(yb)
+        done += 1
+        with torch.no_grad():
+            tot_loss += loss.detach().double() * len(yb)
+            for k, l in enumerate(logits):
+                tot_correct[k] += (l.argmax(1) == yb).sum()
         seen += len(yb)
-        for k, l in enumerate(logits):
-            tot_correct[k] += float((l.argmax(1) == yb).sum())
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == steps:
             el = time.time() - t0
-            log(f"epoch {epoch + 1}/{total_epochs} step {step + 1}/{steps} loss {tot_loss / seen:.4f} "
-                f"train acc {' '.join(f'{c / seen * 100:.1f}' for c in tot_correct)} "
+            acc = (tot_correct.double() / seen * 100).tolist()
+            log(f"epoch {epoch + 1}/{of} step {step + 1}/{steps} loss {float(tot_loss) / seen:.4f} "
+                f"train acc {' '.join(f'{a:.1f}' for a in acc)} "
                 f"lr {sched.get_last_lr()[0]:.4f} {el / (step + 1):.3f}s/step "
                 f"epoch eta {el / (step + 1) * (steps - step - 1):.0f}s")
-    return tot_loss / max(1, seen), time.time() - t0
+    return float(tot_loss) / max(1, seen), time.time() - t0, done
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -653,20 +737,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg["init"]:
         init_from(model, cfg["init"], log)
     dev = cfg["device"]
+    if dev == "cuda":
+        # TF32 rounds conv inputs to 10 mantissa bits and accumulates in float32: the +-1 (and
+        # 2/4-bit) codes of quantized convs are exact in TF32, float convs see rounding noise.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
     model.to(dev)
     if CHANNELS_LAST[0]:
         model.to(memory_format=torch.channels_last)
     data = Data(cfg["val_size"], cfg["limit_train"], cfg["limit_val"], cfg["synthetic"], cfg["seed"])
+    data.to(dev)
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
 
     n_early = len(cfg["exits"])
     joint_w = cfg["exit_weights"] + [cfg["head_weight"]]
-    phases = []  # (name, epochs, loss weights, frozen)
+    phases = []  # (name, epochs, loss weights, frozen, seconds of --time-budget)
+    budget, timed = cfg["time_budget"], cfg["time_budget"] > 0
+    many = 10 ** 9  # with --time-budget the clock, not an epoch count, ends a phase
     if cfg["strategy"] == "joint" or not n_early:
-        phases.append(("joint" if n_early else "plain", cfg["epochs"], joint_w, False))
+        phases.append(("joint" if n_early else "plain", many if timed else cfg["epochs"], joint_w,
+                       False, budget))
     else:
-        phases.append(("hybrid", cfg["epochs"], [0.0] * n_early + [1.0], False))
-        phases.append(("exits", cfg["exit_epochs"], [1.0] * n_early + [0.0], True))
+        frac = cfg["exit_budget_frac"]
+        phases.append(("hybrid", many if timed else cfg["epochs"], [0.0] * n_early + [1.0],
+                       False, budget * (1 - frac)))
+        phases.append(("exits", many if timed else cfg["exit_epochs"], [1.0] * n_early + [0.0],
+                       True, budget * frac))
 
     steps = data.steps_per_epoch(cfg["batch"])
     if cfg["max_steps"]:
@@ -677,7 +774,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.path.exists(ck_path):
         resume = torch.load(ck_path, map_location="cpu", weights_only=False)
         keys = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
-                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut")
+                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
+                "time_budget")
         diff = {k: (resume["cfg"].get(k), cfg[k]) for k in keys if resume["cfg"].get(k) != cfg[k]}
         if diff:
             raise SystemExit(f"error: {ck_path} was made with another configuration {diff}; "
@@ -700,7 +798,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"resuming from {ck_path}: phase {state['phase']} epoch {state['epoch']}, "
             f"{state['wall']:.0f}s already spent")
 
-    for p, (pname, epochs, weights, frozen) in enumerate(phases):
+    for p, (pname, epochs, weights, frozen, seconds) in enumerate(phases):
         if p < state["phase"]:
             continue
         for prm in model.parameters():
@@ -714,7 +812,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             groups = param_groups(model, cfg["wd"], cfg["wd_latent"])
         opt = torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9, nesterov=True)
-        sched = make_sched(opt, cfg["sched"], cfg["lr"], epochs * steps, cfg["warmup"])
+        if timed:
+            sched = TimeSched(opt, cfg["sched"], cfg["lr"], seconds, cfg["warmup"])
+        else:
+            sched = make_sched(opt, cfg["sched"], cfg["lr"], epochs * steps, cfg["warmup"])
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + p)
         if resume is not None and state["phase"] == p and "opt" in resume:
             opt.load_state_dict(resume["opt"])
@@ -724,26 +825,36 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for _ in range(state["epoch"] * steps):
                     sched.step()
             gen.set_state(resume["gen"])
-        log(f"phase {pname}: {epochs} epochs x {steps} steps, loss weights {weights}")
+        log(f"phase {pname}: " + (f"{seconds:.0f} s budget" if timed else f"{epochs} epochs")
+            + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
-            loss, secs = train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, epochs,
-                                     frozen)
+            loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
+                                             epoch, epochs, frozen)
+            if nsteps == 0:  # the budget ran out exactly at an epoch boundary
+                break
+            last = epoch + 1 == epochs or (timed and sched.done())
             t1 = time.time()
-            val = predict(model, data.x_val, device=dev)
-            yv = data.y_val.numpy()
-            accs = [float((l.argmax(1).numpy() == yv).mean()) for l in val]
+            entry = {"phase": pname, "epoch": epoch + 1, "steps": nsteps, "loss": round(loss, 5),
+                     "seconds": round(secs, 1)}
+            msg = ""
+            if last or (epoch + 1) % max(1, cfg["eval_every"]) == 0:
+                val = predict(model, data.x_val, device=dev)
+                yv = data.y_val.numpy()
+                accs = [float((l.argmax(1).numpy() == yv).mean()) for l in val]
+                entry["val_acc"] = [round(a * 100, 2) for a in accs]
+                msg = f", val acc per exit/head {' '.join(f'{a * 100:.2f}' for a in accs)}"
             state["wall"] += secs + (time.time() - t1)
             state["epoch"] = epoch + 1
             state["phase"] = p
-            state["history"].append({"phase": pname, "epoch": epoch + 1, "loss": round(loss, 5),
-                                     "val_acc": [round(a * 100, 2) for a in accs],
-                                     "seconds": round(secs, 1)})
-            log(f"phase {pname} epoch {epoch + 1}/{epochs} done in {secs:.0f}s: loss {loss:.4f}, "
-                f"val acc per exit/head {' '.join(f'{a * 100:.2f}' for a in accs)}; "
-                f"total {state['wall']:.0f}s")
+            state["history"].append(entry)
+            log(f"phase {pname} epoch {epoch + 1}/{'?' if timed else epochs} done in {secs:.1f}s: "
+                f"loss {loss:.4f}{msg}; total {state['wall']:.0f}s")
             atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "gen": gen.get_state(), "state": state},
                         ck_path)
+            if last:
+                break
+        state.setdefault("phase_epochs", {})[pname] = state["epoch"]
         state["phase"], state["epoch"] = p + 1, 0
         resume = None
         atomic_save({"cfg": cfg, "model": model.state_dict(), "state": state}, ck_path)
@@ -766,8 +877,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             "val_acc_at_0.5": round(acc05 * 100, 2),
             "val_exit_fraction_at_0.5": [round(f * 100, 2) for f in fr05]})
     log("validation: " + json.dumps(figures))
-    prov = {"command": command, "strategy": cfg["strategy"], "epochs": cfg["epochs"],
-            "exit_epochs": cfg["exit_epochs"], "exit_weights": cfg["exit_weights"],
+    done = list(state.get("phase_epochs", {}).values()) or [cfg["epochs"], cfg["exit_epochs"]]
+    prov = {"command": command, "strategy": cfg["strategy"], "epochs": done[0],
+            "exit_epochs": done[1] if len(done) > 1 else cfg["exit_epochs"],
+            "time_budget_s": cfg["time_budget"] or None,
+            "steps": sum(h.get("steps", 0) for h in state["history"]),
+            "batch": cfg["batch"], "lr": cfg["lr"], "exit_weights": cfg["exit_weights"],
             "seed": cfg["seed"], "init": cfg["init"], "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
