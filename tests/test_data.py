@@ -214,6 +214,18 @@ def test_load_cifar10(tmp_path, fake):
         load_cifar10("val", str(folder), fetch=False, md5=md5)
 
 
+def test_load_cifar10_needs_only_the_files_of_its_split(tmp_path, fake):
+    folder, _, md5 = fake
+    os.remove(folder / "test_batch.bin")
+    images, _ = load_cifar10("train", str(folder), fetch=False, md5=md5)
+    assert images.shape == (5 * PER_FILE, 3, 32, 32)
+    with pytest.raises(DataError, match=r"missing or damaged: test_batch.bin\)"):
+        load_cifar10("test", str(folder), fetch=False, md5=md5)
+    (folder / "data_batch_3.bin").write_bytes(b"\0" * 3073)
+    with pytest.raises(DataError, match=r"missing or damaged: data_batch_3.bin\)"):
+        load_cifar10("train", str(folder), fetch=False, md5=md5)
+
+
 def test_cifar10_dir_refuses_damaged_files(tmp_path, fake):
     folder, _, md5 = fake
     (folder / "data_batch_5.bin").write_bytes(b"\0" * 3073)

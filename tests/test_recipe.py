@@ -77,6 +77,89 @@ def test_resume_refuses_other_configuration(tmp_path):
         T.main(_tiny_args(tmp_path, "--lr", "0.05"))
 
 
+def test_batched_augmentation_equals_per_image_crops_and_flips():
+    """Data.batches gathers the whole batch at once; it must equal cropping and flipping each
+    image on its own with the same random draws (permutation, x/y offsets, flips)."""
+    d = T.Data(8, 40, 8, synthetic=True, seed=5)
+    batches = list(d.batches(16, torch.Generator().manual_seed(11)))
+    gen = torch.Generator().manual_seed(11)
+    perm = torch.randperm(40, generator=gen)
+    assert len(batches) == 2
+    for b, (imgs, labels) in enumerate(batches):
+        idx = perm[16 * b:16 * (b + 1)]
+        ox = torch.randint(0, 9, (16,), generator=gen)
+        oy = torch.randint(0, 9, (16,), generator=gen)
+        flip = torch.rand(16, generator=gen) < 0.5
+        for r, i in enumerate(idx.tolist()):
+            crop = d.padded[i, :, int(oy[r]):int(oy[r]) + 32, int(ox[r]):int(ox[r]) + 32]
+            want = crop.flip(2) if flip[r] else crop
+            assert torch.equal(imgs[r], want), (b, r)
+        assert torch.equal(labels, d.y_train[idx])
+    assert imgs.dtype == torch.uint8 and imgs.shape == (16, 3, 32, 32)
+
+
+def test_padding_is_zero_and_crops_cover_every_offset():
+    d = T.Data(8, 40, 8, synthetic=True, seed=1)
+    assert d.padded.shape == (40, 3, 40, 40)
+    assert int(d.padded[:, :, :4].max()) == 0 and int(d.padded[:, :, :, 36:].max()) == 0
+    torch.testing.assert_close(d.padded[:, :, 4:36, 4:36], d.x_train, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine"])
+def test_time_schedule_has_the_shape_of_the_step_schedule(kind):
+    """lr_at(p) is the curve the step-based schedulers follow, sampled at p = step / total."""
+    total, lr, warm = 1000, 0.1, 0.15
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=lr, momentum=0.9)
+    sched = T.make_sched(opt, kind, lr, total, warm)
+    for step in range(total):
+        got = opt.param_groups[0]["lr"]
+        if kind == "onecycle":  # torch's OneCycleLR: phase 1 ends at step warm * total - 1
+            e1 = warm * total - 1
+            p = warm * step / e1 if step <= e1 else warm + (1 - warm) * (step - e1) / (total - 1 - e1)
+        else:
+            W = int(total * warm)
+            p = (step + 1) / W * warm if step < W else warm + (step - W) / (total - W) * (1 - warm)
+        np.testing.assert_allclose(T.lr_at(kind, lr, p, warm), got, rtol=1e-6, atol=1e-9,
+                                   err_msg=f"step {step}")
+        opt.step()
+        sched.step()
+    assert T.lr_at(kind, lr, 1.0, warm) == pytest.approx(lr / 1000 if kind == "onecycle" else 0.0)
+
+
+def test_time_budget_run_stops_on_time_and_records_what_it_did(tmp_path):
+    args = _tiny_args(tmp_path)
+    args[args.index("--epochs"):args.index("--epochs") + 2] = ["--time-budget", "3"]
+    args[args.index("--max-steps"):args.index("--max-steps") + 2] = []
+    args += ["--eval-every", "1000"]
+    import time as _time
+    t0 = _time.time()
+    assert T.main(args) == 0
+    assert _time.time() - t0 < 60
+    spec, _ = load_weights(str(tmp_path / "tiny.npz"))
+    prov = spec.provenance
+    assert prov["time_budget_s"] == 3.0 and prov["epochs"] >= 1
+    hist = prov["history"]
+    assert len(hist) == prov["epochs"] and prov["steps"] == sum(h["steps"] for h in hist)
+    assert all(h["steps"] > 0 for h in hist)
+    assert "val_acc" in hist[-1]  # the last epoch is always validated
+    with pytest.raises(SystemExit, match="exactly one of --epochs"):
+        T.main(_tiny_args(tmp_path, "--time-budget", "3"))
+
+
+def test_init_chain_is_recorded(tmp_path):
+    assert T.main(_tiny_args(tmp_path)) == 0
+    first = str(tmp_path / "tiny.npz")
+    args = _tiny_args(tmp_path / "second", "--init", first)
+    assert T.main(args) == 0
+    spec, _ = load_weights(str(tmp_path / "second" / "tiny.npz"))
+    prov = spec.provenance
+    import hashlib
+    assert prov["init"] == first
+    assert prov["init_sha256"] == hashlib.sha256(open(first, "rb").read()).hexdigest()
+    assert prov["init_provenance"]["command"] == load_weights(first)[0].provenance["command"]
+
+
 def _random_model(spec, seed=0):
     model = T.HybridResNet(spec)
     arrays = random_weights(spec, seed)

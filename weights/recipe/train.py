@@ -590,7 +590,22 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}"
+            + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+
+
+def init_record(path: Optional[str]) -> dict:
+    """What a run started from: the --init file's path, sha256 and its own provenance, so a
+    file fine-tuned from another carries the whole chain."""
+    if not path:
+        return {"init": None}
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    spec, _ = load_weights(path)
+    return {"init": path, "init_sha256": h.hexdigest(), "init_provenance": spec.provenance}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -883,7 +898,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "time_budget_s": cfg["time_budget"] or None,
             "steps": sum(h.get("steps", 0) for h in state["history"]),
             "batch": cfg["batch"], "lr": cfg["lr"], "exit_weights": cfg["exit_weights"],
-            "seed": cfg["seed"], "init": cfg["init"], "data": data.source,
+            "seed": cfg["seed"], **init_record(cfg["init"]), "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "validation": figures, "history": state["history"],
