@@ -258,7 +258,6 @@ def test_torch_model_matches_engine(tmp_path, edge_convs, bits, shortcut):
     model_t = T.model_from_file(path)
     torch_logits = T.predict(model_t, torch.from_numpy(images))
     model, eng_logits = _engine_outputs(path, images)
-    n = len(images)
     row_diff = np.max([np.abs(a.numpy() - b).max(axis=1)
                        for a, b in zip(torch_logits, eng_logits)], axis=0)
     assert np.median(row_diff) < 1e-5, row_diff
@@ -266,14 +265,8 @@ def test_torch_model_matches_engine(tmp_path, edge_convs, bits, shortcut):
     # thresholds at the median entropy of each exit, so that every path is exercised
     thr = [float(np.median(engine.entropy(l))) for l in eng_logits[:-1]]
     res = engine.run(model, images, ReferenceExecutor(model), thresholds=thr, batch_size=16)
-    exit_t = np.full(n, engine.FINAL)
-    pred_t = torch_logits[-1].argmax(1).numpy().copy()
-    left = np.ones(n, bool)
-    for k, t in enumerate(thr):
-        take = left & (T.entropy(torch_logits[k]) < t)
-        exit_t[take] = k
-        pred_t[take] = torch_logits[k].argmax(1).numpy()[take]
-        left &= ~take
+    pred_t, exit_t = T.decide(torch_logits, thr)
+    assert engine.FINAL == -1
     assert len(set(exit_t.tolist())) > 1, "the thresholds should split the batch"
     assert (res.exit_index == exit_t).mean() >= 0.95
     assert (res.predictions == pred_t).mean() >= 0.95

@@ -97,14 +97,7 @@ def main(argv=None) -> int:
                               "exit_fraction": [round(e / n * 100, 2) for e in exited],
                               "seconds": round(time.time() - t0, 1)}
         sub = T.predict(model_t, torch.from_numpy(x[:n]))
-        exit_t = np.full(n, engine.FINAL)
-        pred_t = sub[-1].argmax(1).numpy().copy()
-        left = np.ones(n, bool)
-        for k, t in enumerate(thr):
-            take = left & (T.entropy(sub[k]) < t)
-            exit_t[take] = k
-            pred_t[take] = sub[k].argmax(1).numpy()[take]
-            left &= ~take
+        pred_t, exit_t = T.decide(sub, thr)
         r["engine_vs_torch_subset"] = {
             "same_prediction": int((pred_t == res.predictions).sum()),
             "same_exit": int((exit_t == res.exit_index).sum())}

@@ -410,17 +410,26 @@ def predict(model: HybridResNet, x: torch.Tensor, batch: int = 500, device="cpu"
     return [torch.cat(o) for o in outs]
 
 
-def conditional(logits: List[torch.Tensor], labels: np.ndarray, thresholds: Sequence[float]):
-    """Algorithm 1 on precomputed logits: (accuracy, per-exit exit fractions)."""
-    n = len(labels)
+def decide(logits: List[torch.Tensor], thresholds: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1 on precomputed logits: (predictions, exit index per sample), the index -1
+    (``xnorcdl.engine.FINAL``) for samples that reach the head. Exit k takes the samples still
+    undecided whose entropy is below thresholds[k]."""
+    n = len(logits[-1])
     left = np.ones(n, bool)
     pred = logits[-1].argmax(1).numpy().copy()
-    fracs = []
+    where = np.full(n, -1, dtype=np.int64)
     for k, t in enumerate(thresholds):
         take = left & (entropy(logits[k]) < t)
         pred[take] = logits[k].argmax(1).numpy()[take]
-        fracs.append(float(take.mean()))
+        where[take] = k
         left &= ~take
+    return pred, where
+
+
+def conditional(logits: List[torch.Tensor], labels: np.ndarray, thresholds: Sequence[float]):
+    """Algorithm 1 on precomputed logits: (accuracy, per-exit exit fractions)."""
+    pred, where = decide(logits, thresholds)
+    fracs = [float((where == k).mean()) for k in range(len(thresholds))]
     return float((pred == labels).mean()), fracs
 
 
