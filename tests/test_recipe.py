@@ -311,3 +311,25 @@ def test_shipped_weights_reproduce_documented_figures(name):
     exited = [int((res.exit_index == k).sum()) for k in range(len(model.exits))]
     assert correct == want["correct"], f"{name}: {correct}/{n} correct, documented {want['correct']}"
     assert exited == want["exited"], f"{name}: exits {exited}, documented {want['exited']}"
+
+
+@pytest.mark.parametrize("name", sorted(_figures().get("files", {})))
+def test_shipped_weights_reproduce_full_test_figures_with_the_fast_backend(name):
+    """The figures weights/README.md quotes: all 10000 test images through the fast backend."""
+    from xnorcdl.data import cifar10_dir, TEST_FILE
+    from xnorcdl.kernels.executor import FastExecutor
+    from xnorcdl.records import read_records
+    want = _figures()["files"][name].get("full_test")
+    if want is None:
+        pytest.skip(f"weights/figures.json has no whole-test-set figures for {name}")
+    try:
+        folder = cifar10_dir(None, fetch=False)
+    except Exception as exc:  # noqa: BLE001 - any reason the data is absent
+        pytest.skip(f"CIFAR-10 is not in the cache ({exc}); run: python -m xnorcdl.data cifar10")
+    images, labels = read_records(os.path.join(folder, TEST_FILE), "cifar10")
+    model = load_model(os.path.join(WEIGHTS, name))
+    res = engine.run(model, np.ascontiguousarray(images), FastExecutor(model), batch_size=500)
+    correct = int((res.predictions == labels).sum())
+    exited = [int((res.exit_index == k).sum()) for k in range(len(model.exits))]
+    assert (correct, exited) == (want["correct"], want["exited"]), \
+        f"{name}: {correct} correct and exits {exited} on the test set, documented {want}"
