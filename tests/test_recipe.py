@@ -205,6 +205,26 @@ def test_straight_through_gradient_is_clipped_identity():
     np.testing.assert_array_equal(y.grad.numpy(), [0.0, 1.0, 1.0, 1.0, 0.0])
 
 
+@pytest.mark.parametrize("bits,v0", [(1, 1.0), (2, 1.0), (2, 0.75), (4, 1.0), (4, 1.5)])
+def test_custom_straight_through_function_equals_its_autograd_definition(bits, v0):
+    """quant_codes (one custom autograd function) against quant_codes_autograd (clamp, where,
+    detach): identical codes and identical gradients for any upstream gradient, boundaries
+    |y| = 1 and |y| = v0 and y = +-0 included."""
+    rng = np.random.default_rng(bits * 10 + int(v0 * 4))
+    y0 = np.concatenate([rng.normal(0, 1.2, 3000), [0.0, -0.0, 1.0, -1.0, v0, -v0, 2.0, -2.0],
+                         np.nextafter(np.float32([1.0, -1.0, v0, -v0]), np.float32(0))])
+    g = torch.from_numpy(rng.normal(0, 1, len(y0)).astype(np.float32))
+    outs = []
+    for f in (T.quant_codes, T.quant_codes_autograd):
+        y = torch.tensor(y0, dtype=torch.float32, requires_grad=True)
+        u = f(y, bits, v0)
+        (u * g).sum().backward()
+        outs.append((u.detach().numpy(), y.grad.numpy()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    assert set(np.unique(outs[0][0]).tolist()) <= set(range(-(1 << bits) + 1, 1 << bits, 2))
+
+
 def test_threshold_calibration_stays_within_margin():
     rng = np.random.default_rng(0)
     n, c = 400, 10

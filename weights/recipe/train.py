@@ -83,6 +83,31 @@ class BN(nn.BatchNorm2d):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+class _Codes(torch.autograd.Function):
+    """Integer codes with a clipped straight-through gradient, as one forward and one backward
+    elementwise pass (the autograd graph of the clamp/where/detach formulation costs several)."""
+
+    @staticmethod
+    def forward(ctx, y, bits: int, v0: float):
+        ctx.save_for_backward(y)
+        ctx.bits, ctx.v0 = bits, v0
+        if bits == 1:
+            return torch.where(y >= 0, 1.0, -1.0).to(y.dtype)
+        z = (1 << bits) - 1
+        v0t = torch.tensor(v0, dtype=torch.float32, device=y.device)
+        k = torch.tensor(z / (2.0 * float(v0)), dtype=torch.float32, device=y.device)
+        q = torch.floor((torch.clamp(y, -float(v0), float(v0)) + v0t) * k + 0.5)
+        return 2 * q - z
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        if ctx.bits == 1:
+            return g * (y.abs() <= 1.0).to(g.dtype), None, None
+        slope = ((1 << ctx.bits) - 1) / float(ctx.v0)
+        return g * ((y.abs() <= float(ctx.v0)).to(g.dtype) * slope), None, None
+
+
 def quant_codes(y: torch.Tensor, bits: int, v0: float) -> torch.Tensor:
     """Integer codes of eq. (1)/(3) as float tensors, with a clipped straight-through gradient.
 
@@ -90,6 +115,12 @@ def quant_codes(y: torch.Tensor, bits: int, v0: float) -> torch.Tensor:
     p > 1: q = floor((clip(y, -v0, v0) + v0) * (Z / v1) + 0.5), u = 2q - Z; du/dy = Z / v0 on
     |y| <= v0. Forward values are exactly those of xnorcdl.quant (float32 arithmetic).
     """
+    return _Codes.apply(y, bits, float(v0))
+
+
+def quant_codes_autograd(y: torch.Tensor, bits: int, v0: float) -> torch.Tensor:
+    """:func:`quant_codes` written with autograd primitives (clamp, where, detach): the
+    definition the custom function is tested against."""
     if bits == 1:
         yc = torch.clamp(y, -1.0, 1.0)
         u = torch.where(y >= 0, torch.ones_like(y), -torch.ones_like(y))
