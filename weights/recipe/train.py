@@ -26,7 +26,9 @@ Data: the 50000 CIFAR-10 training images, of which the LAST 5000 are held out as
 never trained on; the test split is never read here. Augmentation: random crop with 4-pixel zero
 padding and horizontal flip. SGD (momentum 0.9, Nesterov), weight decay on float conv and linear
 weights only (not on BN, biases, or, by default, the latent weights of quantized convs),
-OneCycle or cosine learning rate, batch 128.
+OneCycle or cosine learning rate, batch 128. ``--time-budget S`` replaces ``--epochs``: the same
+learning-rate curve is followed along the wall clock and training stops when S seconds are spent
+(the epochs and steps done are recorded); on CUDA, convolutions use TF32 (exact for the codes).
 
 Exit thresholds are calibrated on the validation split only (see :func:`calibrate`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
@@ -48,6 +50,7 @@ same command resumes from the last completed epoch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -639,7 +642,6 @@ def init_record(path: Optional[str]) -> dict:
     file fine-tuned from another carries the whole chain."""
     if not path:
         return {"init": None}
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
