@@ -305,30 +305,37 @@ def _figures():
         return json.load(f)
 
 
-@pytest.mark.parametrize("name", sorted(_figures().get("files", {})))
-def test_shipped_weights_reproduce_documented_figures(name):
-    """weights/figures.json: accuracy and exit fraction of each file on the first N test images,
-    measured by the engine (reference executor, Algorithm 1 with the file's thresholds)."""
-    from xnorcdl.data import cifar10_dir, TEST_FILE
-    from xnorcdl.records import read_records
-    fig = _figures()
-    try:
-        folder = cifar10_dir(None, fetch=False)
-    except Exception as exc:  # noqa: BLE001 - any reason the data is absent
-        pytest.skip(f"CIFAR-10 is not in the cache ({exc}); run: python -m xnorcdl.data cifar10")
-    images, labels = read_records(os.path.join(folder, TEST_FILE), "cifar10")
-    n = fig["subset"]["first_test_images"]
-    images, labels = np.ascontiguousarray(images[:n]), labels[:n]
-    want = fig["files"][name]
+def _shipped(name):
+    """(documented figures, prepared model, test images, test labels) for a shipped file, after
+    checking that the file is the one the figures were measured on; skips without the data."""
+    from xnorcdl.data import DataError, load_cifar10
+    want = _figures()["files"][name]
     path = os.path.join(WEIGHTS, name)
     import hashlib
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     assert digest == want["sha256"], f"{name} changed since weights/figures.json was written"
-    model = load_model(path)
-    res = engine.run(model, images, ReferenceExecutor(model), batch_size=100)
-    correct = int((res.predictions == labels).sum())
-    exited = [int((res.exit_index == k).sum()) for k in range(len(model.exits))]
+    try:
+        images, labels = load_cifar10("test", fetch=False)
+    except DataError as exc:
+        pytest.skip(f"CIFAR-10 is not in the cache ({exc})")
+    return want, load_model(path), np.ascontiguousarray(images), labels
+
+
+def _counts(res, model, labels):
+    """(correct predictions, samples per early exit) of an engine run."""
+    return (int((res.predictions == labels).sum()),
+            [int((res.exit_index == k).sum()) for k in range(len(model.exits))])
+
+
+@pytest.mark.parametrize("name", sorted(_figures().get("files", {})))
+def test_shipped_weights_reproduce_documented_figures(name):
+    """weights/figures.json: accuracy and exit fraction of each file on the first N test images,
+    measured by the engine (reference executor, Algorithm 1 with the file's thresholds)."""
+    want, model, images, labels = _shipped(name)
+    n = _figures()["subset"]["first_test_images"]
+    res = engine.run(model, images[:n], ReferenceExecutor(model), batch_size=100)
+    correct, exited = _counts(res, model, labels[:n])
     assert correct == want["correct"], f"{name}: {correct}/{n} correct, documented {want['correct']}"
     assert exited == want["exited"], f"{name}: exits {exited}, documented {want['exited']}"
 
@@ -336,20 +343,12 @@ def test_shipped_weights_reproduce_documented_figures(name):
 @pytest.mark.parametrize("name", sorted(_figures().get("files", {})))
 def test_shipped_weights_reproduce_full_test_figures_with_the_fast_backend(name):
     """The figures weights/README.md quotes: all 10000 test images through the fast backend."""
-    from xnorcdl.data import cifar10_dir, TEST_FILE
     from xnorcdl.kernels.executor import FastExecutor
-    from xnorcdl.records import read_records
-    want = _figures()["files"][name].get("full_test")
-    if want is None:
+    want, model, images, labels = _shipped(name)
+    full = want.get("full_test")
+    if full is None:
         pytest.skip(f"weights/figures.json has no whole-test-set figures for {name}")
-    try:
-        folder = cifar10_dir(None, fetch=False)
-    except Exception as exc:  # noqa: BLE001 - any reason the data is absent
-        pytest.skip(f"CIFAR-10 is not in the cache ({exc}); run: python -m xnorcdl.data cifar10")
-    images, labels = read_records(os.path.join(folder, TEST_FILE), "cifar10")
-    model = load_model(os.path.join(WEIGHTS, name))
-    res = engine.run(model, np.ascontiguousarray(images), FastExecutor(model), batch_size=500)
-    correct = int((res.predictions == labels).sum())
-    exited = [int((res.exit_index == k).sum()) for k in range(len(model.exits))]
-    assert (correct, exited) == (want["correct"], want["exited"]), \
-        f"{name}: {correct} correct and exits {exited} on the test set, documented {want}"
+    res = engine.run(model, images, FastExecutor(model), batch_size=500)
+    correct, exited = _counts(res, model, labels)
+    assert (correct, exited) == (full["correct"], full["exited"]), \
+        f"{name}: {correct} correct and exits {exited} on the test set, documented {full}"

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("xnorcdl_recipe_train", os.path.join(HERE, "train.py"))
@@ -37,6 +38,7 @@ _spec.loader.exec_module(T)
 from xnorcdl import engine  # noqa: E402
 from xnorcdl.data import load_cifar10  # noqa: E402
 from xnorcdl.executor import ReferenceExecutor  # noqa: E402
+from xnorcdl.kernels.executor import FastExecutor  # noqa: E402
 from xnorcdl.model import load_model  # noqa: E402
 
 
@@ -107,8 +109,6 @@ def main(argv=None) -> int:
             "same_exit": int((exit_t == res.exit_index).sum())}
         print(name, json.dumps(r["engine_subset"]), json.dumps(r["engine_vs_torch_subset"]),
               flush=True)
-        from xnorcdl.kernels.executor import FastExecutor
-        from threadpoolctl import threadpool_limits
         t0 = time.time()
         with threadpool_limits(1):
             full = engine.run(model, x, FastExecutor(model), batch_size=500)
