@@ -160,6 +160,80 @@ def test_init_chain_is_recorded(tmp_path):
     assert prov["init_provenance"]["command"] == load_weights(first)[0].provenance["command"]
 
 
+def test_distillation_loss_is_the_weighted_sum_of_its_two_terms():
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(12, 10, generator=g, dtype=torch.float64), torch.randn(12, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,), generator=g)
+    ce = torch.nn.functional.cross_entropy(z, y)
+    assert torch.equal(T.distill_loss(z, y, None, 0.9, 4.0), ce)
+    assert torch.equal(T.distill_loss(z, y, t, 0.0, 4.0), ce)
+    # By hand: T^2 * mean over samples of sum_c p_t (log p_t - log p_s), at temperature T.
+    for a, temp in [(0.5, 1.0), (0.9, 4.0), (1.0, 2.5)]:
+        lt, ls = torch.log_softmax(t / temp, 1), torch.log_softmax(z / temp, 1)
+        kl = (lt.exp() * (lt - ls)).sum(1).mean()
+        want = (1 - a) * ce + a * temp ** 2 * kl
+        assert torch.allclose(T.distill_loss(z, y, t, a, temp), want, rtol=1e-12, atol=0)
+    # A student that already equals its teacher gets no gradient from the soft term.
+    zs = t.clone().requires_grad_(True)
+    T.distill_loss(zs, y, t, 1.0, 3.0).backward()
+    assert float(zs.grad.abs().max()) < 1e-12
+
+
+def test_distillation_run_records_its_teacher_and_changes_only_the_loss(tmp_path):
+    assert T.main(_tiny_args(tmp_path / "teacher")) == 0
+    teacher = str(tmp_path / "teacher" / "tiny.npz")
+    assert T.main(_tiny_args(tmp_path / "plain")) == 0
+    assert T.main(_tiny_args(tmp_path / "zero", "--teacher", teacher, "--kd-weight", "0")) == 0
+    assert T.main(_tiny_args(tmp_path / "kd", "--teacher", teacher, "--kd-weight", "0.9")) == 0
+    _, plain = load_weights(str(tmp_path / "plain" / "tiny.npz"))
+    _, zero = load_weights(str(tmp_path / "zero" / "tiny.npz"))
+    spec, kd = load_weights(str(tmp_path / "kd" / "tiny.npz"))
+    # alpha = 0: the teacher's forward pass draws no random numbers and changes nothing.
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], zero[k], err_msg=k)
+    assert any(not np.array_equal(plain[k], kd[k]) for k in plain)
+    import hashlib
+    rec = spec.provenance["teacher"]
+    assert rec["path"] == teacher and (rec["kd_weight"], rec["kd_temp"]) == (0.9, 4.0)
+    assert rec["sha256"] == hashlib.sha256(open(teacher, "rb").read()).hexdigest()
+    assert load_weights(str(tmp_path / "plain" / "tiny.npz"))[0].provenance["teacher"] is None
+    with pytest.raises(SystemExit, match="another configuration"):
+        T.main(_tiny_args(tmp_path / "kd", "--teacher", teacher, "--kd-weight", "0.5"))
+    with pytest.raises(SystemExit, match="--kd-weight"):
+        T.main(_tiny_args(tmp_path / "bad", "--teacher", teacher, "--kd-weight", "1.5"))
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    # With the global gradient norm clipped to ~0 and no weight decay, the learning rate no
+    # longer matters: two runs at different rates end where they started (same seed).
+    outs = {}
+    for lr, clip in (("0.1", "1e-12"), ("0.05", "1e-12"), ("0.1", "0")):
+        d = tmp_path / f"{lr}-{clip}"
+        assert T.main(_tiny_args(d, "--clip-grad", clip, "--wd", "0", "--lr", lr)) == 0
+        spec, outs[lr, clip] = load_weights(str(d / "tiny.npz"))
+        assert spec.provenance["clip_grad"] == (float(clip) or None)
+    a, b, free = outs["0.1", "1e-12"], outs["0.05", "1e-12"], outs["0.1", "0"]
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+    assert any(np.abs(free[k] - a[k]).max() > 1e-3 for k in free)  # unclipped, they move
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("edge_convs", [0, 2])
+def test_cuda_graphs_train_as_the_ordinary_step(tmp_path, edge_convs):
+    outs = {}
+    for g in ("0", "1"):
+        args = _tiny_args(tmp_path / g, "--device", "cuda", "--cuda-graphs", g)
+        args[args.index("--edge-convs") + 1] = str(edge_convs)
+        args[args.index("--max-steps") + 1] = "4"
+        if edge_convs == 0:
+            args[args.index("--exits"):args.index("--exits") + 4] = []
+        assert T.main(args) == 0
+        outs[g] = load_weights(str(tmp_path / g / "tiny.npz"))[1]
+    for k in outs["0"]:  # same kernels; only cuDNN's algorithm choice may differ
+        np.testing.assert_allclose(outs["1"][k], outs["0"][k], rtol=0, atol=2e-3, err_msg=k)
+
+
 def _random_model(spec, seed=0):
     model = T.HybridResNet(spec)
     arrays = random_weights(spec, seed)

@@ -30,6 +30,10 @@ OneCycle or cosine learning rate, batch 128. ``--time-budget S`` replaces ``--ep
 learning-rate curve is followed along the wall clock and training stops when S seconds are spent
 (the epochs and steps done are recorded); on CUDA, convolutions use TF32 (exact for the codes).
 
+Distillation (``--teacher FILE``, optional): every output (exits and head) also learns from the
+head logits of a frozen model, typically the full-precision ResNet; see :func:`distill_loss`.
+It changes the loss only, never the exported model's semantics.
+
 Exit thresholds are calibrated on the validation split only (see :func:`calibrate`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
 within 0.5 points of the no-exit validation accuracy (``--threshold-rule within:0.5``);
@@ -531,6 +535,37 @@ def calibrate_fast(logits: List[torch.Tensor], labels: np.ndarray, rule: str) ->
 
 # ============================================================================ training
 
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[torch.Tensor],
+                 alpha: float, temp: float) -> torch.Tensor:
+    """Loss of one output (an early exit or the head).
+
+    Without a teacher: eq. (4), the cross-entropy L = CE(y_hat, y). With a teacher's logits t
+    (``--teacher``, knowledge distillation, Hinton et al. 2015):
+    L = (1 - alpha) * CE(y_hat, y) + alpha * T^2 * KL(softmax(t / T) || softmax(y_hat / T)),
+    the T^2 keeping the gradient scale of the soft term independent of the temperature T.
+    Every output (exits and head) learns from the same teacher logits; eq. (5) then weighs
+    the outputs' losses as before.
+    """
+    ce = F.cross_entropy(logits, labels)
+    if teacher is None or alpha == 0.0:
+        return ce
+    soft = F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher / temp, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1.0 - alpha) * ce + alpha * temp * temp * soft
+
+
+def load_teacher(path: str, n_classes: int, device) -> HybridResNet:
+    """The model of a weights file, frozen, in inference mode (BN uses running statistics)."""
+    teacher = model_from_file(path)
+    if teacher.spec.num_classes != n_classes:
+        raise SystemExit(f"error: --teacher {path}: {teacher.spec.num_classes} classes, "
+                         f"the student has {n_classes}")
+    teacher.eval()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    return teacher.to(device)
+
+
 def param_groups(model: HybridResNet, wd: float, wd_latent: float):
     decay, latent, none = [], [], []
     for m in model.modules():
@@ -604,6 +639,46 @@ class TimeSched:
         self.step(count=False)
 
 
+def graph_model(model: HybridResNet, batch: int, log=print) -> HybridResNet:
+    """Capture the training forward and backward of ``model`` (train mode, a batch of ``batch``
+    images, all outputs) as CUDA graphs (torch.cuda.make_graphed_callables): one replay
+    instead of some hundreds of kernel launches each way, which is what bounds a ResNet-32 step
+    on a large GPU. Same kernels, same math; eval mode keeps the ordinary forward. The capture's
+    warm-up passes (on zero images) must not leave traces in the BN running statistics, so
+    those are restored afterwards."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    sample = torch.zeros(batch, 3, 32, 32, dtype=torch.uint8, device="cuda")
+    t0 = time.time()
+    graphed = torch.cuda.make_graphed_callables(model, (sample,))
+    with torch.no_grad():
+        for k, v in graphed.state_dict().items():
+            v.copy_(saved[k])
+    log(f"CUDA graphs captured for batch {batch} in {time.time() - t0:.1f}s")
+    return graphed
+
+
+def graph_teacher(teacher: HybridResNet, batch: int):
+    """The frozen teacher's inference forward on ``batch`` images as one CUDA graph: returns a
+    function pixels -> head logits (valid until its next call)."""
+    static_in = torch.zeros(batch, 3, 32, 32, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            teacher(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = teacher(static_in)[-1]
+
+    def run(pixels: torch.Tensor) -> List[torch.Tensor]:
+        static_in.copy_(pixels)
+        graph.replay()
+        return [static_out]
+    return run
+
+
 class Logger:
     def __init__(self, path: Optional[str]):
         self.f = open(path, "a", buffering=1) if path else None
@@ -637,17 +712,31 @@ def machine() -> str:
             + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 
 
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def init_record(path: Optional[str]) -> dict:
     """What a run started from: the --init file's path, sha256 and its own provenance, so a
     file fine-tuned from another carries the whole chain."""
     if not path:
         return {"init": None}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     spec, _ = load_weights(path)
-    return {"init": path, "init_sha256": h.hexdigest(), "init_provenance": spec.provenance}
+    return {"init": path, "init_sha256": sha256_of(path), "init_provenance": spec.provenance}
+
+
+def teacher_record(cfg: dict) -> dict:
+    """The distillation teacher (--teacher): path, sha256, alpha, T and its own provenance."""
+    if not cfg["teacher"]:
+        return {"teacher": None}
+    spec, _ = load_weights(cfg["teacher"])
+    return {"teacher": {"path": cfg["teacher"], "sha256": sha256_of(cfg["teacher"]),
+                        "kd_weight": cfg["kd_weight"], "kd_temp": cfg["kd_temp"],
+                        "provenance": spec.provenance}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -673,8 +762,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=float, default=0.15, help="fraction of steps warming up")
     a("--wd", type=float, default=5e-4, help="weight decay on float conv and linear weights")
     a("--wd-latent", type=float, default=0.0, help="weight decay on latent quantized weights")
+    a("--clip-grad", type=float, default=0.0, help="clip the global gradient norm to N (0: off)")
     a("--seed", type=int, default=0)
     a("--init", default=None, help="weights file to start from")
+    a("--teacher", default=None,
+      help="weights file whose head logits every output also learns from (distillation)")
+    a("--kd-weight", type=float, default=0.9, help="alpha: weight of the teacher term (--teacher)")
+    a("--kd-temp", type=float, default=4.0, help="T: softmax temperature of the teacher term")
     a("--out", required=True, help="weights file to write")
     a("--ckpt-dir", default=None, help="checkpoints and log (default: cache runs/<out name>)")
     a("--val-size", type=int, default=VAL_SIZE, help="last images of the train split held out")
@@ -685,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthetic", action="store_true", help="random images instead of CIFAR-10 (tests)")
     a("--threads", type=int, default=2)
     a("--channels-last", type=int, default=0, choices=(0, 1))
+    a("--cuda-graphs", type=int, default=0, choices=(0, 1),
+      help="replay the training forward/backward as CUDA graphs (cuda only)")
     a("--device", default="cpu", choices=("cpu", "cuda"))
     a("--log-every", type=int, default=50)
     a("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -712,9 +808,13 @@ def resolve(args) -> dict:
         "xnorcdl", "runs", os.path.splitext(os.path.basename(args.out))[0])
     if (args.epochs > 0) == (args.time_budget > 0):
         raise SystemExit("error: give exactly one of --epochs N (> 0) and --time-budget SECONDS")
+    if args.teacher is not None and not (0.0 <= args.kd_weight <= 1.0 and args.kd_temp > 0):
+        raise SystemExit("error: --kd-weight must lie in [0, 1] and --kd-temp be > 0")
     if not 0.0 < args.exit_budget_frac < 1.0:
         raise SystemExit("error: --exit-budget-frac must lie strictly between 0 and 1")
     cfg = dict(vars(args))
+    if args.teacher is None:  # nothing to weigh: keeps old checkpoints resumable
+        cfg.update(kd_weight=None, kd_temp=None)
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
                exit_epochs=(args.exit_epochs or max(1, args.epochs // 4) if args.epochs else 0)
                if args.strategy == "separate" and exits else 0)
@@ -722,7 +822,7 @@ def resolve(args) -> dict:
 
 
 def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_epochs,
-                frozen=False):
+                frozen=False, teacher=None):
     """One pass over the shuffled training images (fewer steps with --max-steps, or when a
     --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
     a GPU is never made to wait for the host. Returns (mean loss, seconds, steps done)."""
@@ -751,11 +851,19 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
                 feats = model.features(x, max(model.exit_after))
             logits = [model.exit_logits(k, feats[k]) for k in range(len(model.exits))]
         else:
-            logits = model(xb, with_head=weights[-1] > 0)
-        losses = [F.cross_entropy(l, yb) for l in logits]
+            logits = model(xb) if weights[-1] > 0 else model(xb, with_head=False)
+        soft = None
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(xb)[-1]
+        losses = [distill_loss(l, yb, soft, cfg["kd_weight"], cfg["kd_temp"]) for l in logits]
         loss = sum(w * l for w, l in zip(weights, losses) if w > 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg["clip_grad"]:  # global norm, computed on the device (no host sync)
+            torch.nn.utils.clip_grad_norm_(
+                [q for g in opt.param_groups for q in g["params"] if q.grad is not None],
+                cfg["clip_grad"], foreach=True)
         opt.step()
         sched.step()
         done += 1
@@ -805,6 +913,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         model.to(memory_format=torch.channels_last)
     data = Data(cfg["val_size"], cfg["limit_train"], cfg["limit_val"], cfg["synthetic"], cfg["seed"])
     data.to(dev)
+    teacher = None
+    if cfg["teacher"]:
+        teacher = load_teacher(cfg["teacher"], spec.num_classes, dev)
+        log(f"teacher: {cfg['teacher']} (alpha {cfg['kd_weight']}, T {cfg['kd_temp']})")
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
 
     n_early = len(cfg["exits"])
@@ -832,8 +944,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         resume = torch.load(ck_path, map_location="cpu", weights_only=False)
         keys = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                 "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
-                "time_budget")
-        diff = {k: (resume["cfg"].get(k), cfg[k]) for k in keys if resume["cfg"].get(k) != cfg[k]}
+                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad")
+        old = {"clip_grad": 0.0, **resume["cfg"]}  # checkpoints older than --clip-grad
+        diff = {k: (old.get(k), cfg[k]) for k in keys if old.get(k) != cfg[k]}
         if diff:
             raise SystemExit(f"error: {ck_path} was made with another configuration {diff}; "
                              "use another --ckpt-dir or delete it")
@@ -882,11 +995,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for _ in range(state["epoch"] * steps):
                     sched.step()
             gen.set_state(resume["gen"])
+        # Graphs need every output in the loss (an unused output would feed the captured
+        # backward a stale gradient): joint training, or phase 1 of separate without exits.
+        used = [w > 0 for w in weights]
+        if cfg["cuda_graphs"] and dev == "cuda" and not frozen and all(used) \
+                and len(data.x_train) >= cfg["batch"]:
+            model = graph_model(model, cfg["batch"], log)
+            if teacher is not None:
+                teacher = graph_teacher(teacher, cfg["batch"])
         log(f"phase {pname}: " + (f"{seconds:.0f} s budget" if timed else f"{epochs} epochs")
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
-                                             epoch, epochs, frozen)
+                                             epoch, epochs, frozen, teacher)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
@@ -940,7 +1061,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "time_budget_s": cfg["time_budget"] or None,
             "steps": sum(h.get("steps", 0) for h in state["history"]),
             "batch": cfg["batch"], "lr": cfg["lr"], "exit_weights": cfg["exit_weights"],
-            "seed": cfg["seed"], **init_record(cfg["init"]), "data": data.source,
+            "clip_grad": cfg["clip_grad"] or None,
+            "seed": cfg["seed"], **init_record(cfg["init"]), **teacher_record(cfg),
+            "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "validation": figures, "history": state["history"],
