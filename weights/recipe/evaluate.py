@@ -19,7 +19,6 @@ The test split is read here only, after training and threshold calibration are f
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -40,14 +39,6 @@ from xnorcdl.data import load_cifar10  # noqa: E402
 from xnorcdl.executor import ReferenceExecutor  # noqa: E402
 from xnorcdl.kernels.executor import FastExecutor  # noqa: E402
 from xnorcdl.model import load_model  # noqa: E402
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:
@@ -75,7 +66,7 @@ def main(argv=None) -> int:
         model_t = T.model_from_file(path)
         spec = model_t.spec
         thr = [e.threshold for e in spec.exits]
-        r = {"sha256": sha256(path)}
+        r = {"sha256": T.sha256_of(path)}
         if not args.skip_torch:
             t0 = time.time()
             logits = T.predict(model_t, torch.from_numpy(x))

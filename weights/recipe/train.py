@@ -548,7 +548,9 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[t
     Without a teacher: eq. (4), the cross-entropy L = CE(y_hat, y). With a teacher's logits t
     (``--teacher``, knowledge distillation, Hinton et al. 2015):
     L = (1 - alpha) * CE(y_hat, y) + alpha * T^2 * KL(softmax(t / T) || softmax(y_hat / T)),
-    the T^2 keeping the gradient scale of the soft term independent of the temperature T.
+    Hinton's T^2 keeps the soft term's gradient T * (q_student - q_teacher) on the scale of the
+    hard term's when logit gaps are small against T; with large gaps it is up to T times
+    larger, which is why distilling a binary hybrid needs ``--clip-grad``.
     Every output (exits and head) learns from the same teacher logits; eq. (5) then weighs
     the outputs' losses as before.
     """
