@@ -826,6 +826,7 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
     tot_correct = torch.zeros(len(weights), dtype=torch.int64, device=dev)
     seen = done = 0
     of = "?" if timed else str(total_epochs)
+    trained = [q for g in opt.param_groups for q in g["params"] if q.requires_grad]
     for step, (xb, yb) in enumerate(data.batches(cfg["batch"], gen)):
         if step >= steps or (timed and sched.done()):
             break
@@ -848,9 +849,7 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["clip_grad"]:  # global norm, computed on the device (no host sync)
-            torch.nn.utils.clip_grad_norm_(
-                [q for g in opt.param_groups for q in g["params"] if q.grad is not None],
-                cfg["clip_grad"], foreach=True)
+            torch.nn.utils.clip_grad_norm_(trained, cfg["clip_grad"], foreach=True)
         opt.step()
         sched.step()
         done += 1
