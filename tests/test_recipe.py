@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -154,7 +155,6 @@ def test_init_chain_is_recorded(tmp_path):
     assert T.main(args) == 0
     spec, _ = load_weights(str(tmp_path / "second" / "tiny.npz"))
     prov = spec.provenance
-    import hashlib
     assert prov["init"] == first
     assert prov["init_sha256"] == hashlib.sha256(open(first, "rb").read()).hexdigest()
     assert prov["init_provenance"]["command"] == load_weights(first)[0].provenance["command"]
@@ -192,7 +192,6 @@ def test_distillation_run_records_its_teacher_and_changes_only_the_loss(tmp_path
     for k in plain:
         np.testing.assert_array_equal(plain[k], zero[k], err_msg=k)
     assert any(not np.array_equal(plain[k], kd[k]) for k in plain)
-    import hashlib
     rec = spec.provenance["teacher"]
     assert rec["path"] == teacher and (rec["kd_weight"], rec["kd_temp"]) == (0.9, 4.0)
     assert rec["sha256"] == hashlib.sha256(open(teacher, "rb").read()).hexdigest()
@@ -385,7 +384,6 @@ def _shipped(name):
     from xnorcdl.data import DataError, load_cifar10
     want = _figures()["files"][name]
     path = os.path.join(WEIGHTS, name)
-    import hashlib
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     assert digest == want["sha256"], f"{name} changed since weights/figures.json was written"
