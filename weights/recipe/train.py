@@ -38,7 +38,10 @@ binary hybrid diverge within a few dozen steps at lr 0.1 (logits grow without bo
 cross-entropy gradient norm is about 3 at the start).
 
 ``--cuda-graphs 1`` (CUDA, joint training) captures the training forward and backward once and
-replays them (:func:`graph_model`); same kernels, fewer launches.
+replays them (:func:`graph_model`); same kernels, fewer launches. ``--compile 1`` runs the
+training forward/backward (and the teacher) through ``torch.compile`` instead: on two CPU cores a
+batch-128 step of the 20E+10C hybrid takes 0.75 s instead of 1.05 s, after a one-time compilation
+of about 100 s; validation and export use the ordinary modules.
 
 Exit thresholds are calibrated on the validation split only (see :func:`calibrate`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
@@ -768,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", type=int, default=0, choices=(0, 1))
     a("--cuda-graphs", type=int, default=0, choices=(0, 1),
       help="replay the training forward/backward as CUDA graphs (cuda only)")
+    a("--compile", type=int, default=0, choices=(0, 1),
+      help="run the training forward/backward and the teacher through torch.compile")
     a("--device", default="cpu", choices=("cpu", "cuda"))
     a("--log-every", type=int, default=50)
     a("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -797,6 +802,8 @@ def resolve(args) -> dict:
         raise SystemExit("error: give exactly one of --epochs N (> 0) and --time-budget SECONDS")
     if args.teacher is not None and not (0.0 <= args.kd_weight <= 1.0 and args.kd_temp > 0):
         raise SystemExit("error: --kd-weight must lie in [0, 1] and --kd-temp be > 0")
+    if args.compile and args.cuda_graphs:
+        raise SystemExit("error: --compile 1 and --cuda-graphs 1 are alternatives; give one")
     if not 0.0 < args.exit_budget_frac < 1.0:
         raise SystemExit("error: --exit-budget-frac must lie strictly between 0 and 1")
     cfg = dict(vars(args))
@@ -809,10 +816,13 @@ def resolve(args) -> dict:
 
 
 def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_epochs,
-                frozen=False, teacher=None):
+                frozen=False, teacher=None, fwd=None):
     """One pass over the shuffled training images (fewer steps with --max-steps, or when a
     --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
-    a GPU is never made to wait for the host. Returns (mean loss, seconds, steps done)."""
+    a GPU is never made to wait for the host. ``fwd`` (default ``model``) is the callable that
+    runs the training forward, e.g. ``torch.compile(model)``; ``teacher`` may be compiled too.
+    Returns (mean loss, seconds, steps done)."""
+    fwd = model if fwd is None else fwd
     model.train()
     if frozen:  # separate optimisation, phase 2: BN in inference mode, convs frozen
         model.eval()
@@ -839,7 +849,7 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
                 feats = model.features(x, max(model.exit_after))
             logits = [model.exit_logits(k, feats[k]) for k in range(len(model.exits))]
         else:
-            logits = model(xb) if weights[-1] > 0 else model(xb, with_head=False)
+            logits = fwd(xb) if weights[-1] > 0 else fwd(xb, with_head=False)
         soft = None
         if teacher is not None:
             with torch.no_grad():
@@ -903,6 +913,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg["teacher"]:
         teacher = load_teacher(cfg["teacher"], spec.num_classes, dev)
         log(f"teacher: {cfg['teacher']} (alpha {cfg['kd_weight']}, T {cfg['kd_temp']})")
+    fwd = teacher_fwd = None
+    if cfg.get("compile"):  # same parameters and buffers, compiled on the first call
+        fwd = torch.compile(model)
+        teacher_fwd = None if teacher is None else torch.compile(teacher)
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
 
     n_early = len(cfg["exits"])
@@ -994,7 +1008,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
-                                             epoch, epochs, frozen, teacher)
+                                             epoch, epochs, frozen,
+                                             teacher if teacher_fwd is None else teacher_fwd,
+                                             None if frozen else fwd)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
