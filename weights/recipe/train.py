@@ -41,7 +41,7 @@ cross-entropy gradient norm is about 3 at the start).
 replays them (:func:`graph_model`); same kernels, fewer launches. ``--compile 1`` runs the
 training forward/backward (and the teacher) through ``torch.compile`` instead: on two CPU cores a
 batch-128 step of the 20E+10C hybrid takes 0.75 s instead of 1.05 s, after a one-time compilation
-of about 100 s; validation and export use the ordinary modules.
+of about 100 s (2-4 minutes with a teacher); validation and export use the ordinary modules.
 
 Exit thresholds are calibrated on the validation split only (see :func:`calibrate`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
@@ -913,10 +913,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg["teacher"]:
         teacher = load_teacher(cfg["teacher"], spec.num_classes, dev)
         log(f"teacher: {cfg['teacher']} (alpha {cfg['kd_weight']}, T {cfg['kd_temp']})")
-    fwd = teacher_fwd = None
-    if cfg.get("compile"):  # same parameters and buffers, compiled on the first call
+    fwd = model  # the training forward; validation and export use ``model`` itself
+    if cfg["compile"]:  # same parameters and buffers, compiled on the first call
         fwd = torch.compile(model)
-        teacher_fwd = None if teacher is None else torch.compile(teacher)
+        teacher = None if teacher is None else torch.compile(teacher)
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
 
     n_early = len(cfg["exits"])
@@ -1008,9 +1008,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
-                                             epoch, epochs, frozen,
-                                             teacher if teacher_fwd is None else teacher_fwd,
-                                             None if frozen else fwd)
+                                             epoch, epochs, frozen, teacher, fwd)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
