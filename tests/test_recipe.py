@@ -340,12 +340,7 @@ def test_threshold_calibration_stays_within_margin():
 def _engine_outputs(path, images):
     """Per-exit and head logits of the reference executor, every sample through every layer."""
     model = load_model(path)
-    ex = ReferenceExecutor(model)
-    state, outs = ex.stem(images), []
-    for b in range(len(model.blocks)):
-        state = ex.block(b, state)
-        outs += [ex.exit(k, state) for k, e in enumerate(model.exits) if e.after_block == b]
-    return model, outs + [ex.head(state)]
+    return model, engine.outputs(model, images, ReferenceExecutor(model))
 
 
 @pytest.mark.parametrize("edge_convs,bits,shortcut", [(8, 1, "zero_pad"), (8, 2, "conv1x1"),

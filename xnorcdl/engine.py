@@ -84,3 +84,31 @@ def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequenc
             progress.update(min(batch_size, n - start))
     out.predictions[:] = out.logits.argmax(axis=1)
     return out
+
+
+def outputs(model: Model, images: np.ndarray, executor, batch_size: int = 100,
+            progress: Optional[Progress] = None) -> list:
+    """Logits of every early exit and of the head for every sample, nobody leaving early:
+    ``[exit 0, ..., exit K-1, head]``, float32 ``[N, classes]`` each.
+
+    What threshold calibration and trade-off curves need (:mod:`xnorcdl.calibrate` replays
+    Algorithm 1 on them for any thresholds); each row is what :func:`run` computes for that
+    sample at that output, up to the float32 rounding that batch composition may change in
+    BLAS-backed layers (the decisions of ``run`` are tested equal).
+    """
+    by_block = {}
+    for k, e in enumerate(model.exits):
+        by_block.setdefault(e.after_block, []).append(k)
+    n, classes = len(images), model.spec.num_classes
+    outs = [np.zeros((n, classes), np.float32) for _ in range(len(model.exits) + 1)]
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        state = executor.stem(np.ascontiguousarray(images[sl]))
+        for b in range(len(model.blocks)):
+            state = executor.block(b, state)
+            for k in by_block.get(b, ()):
+                outs[k][sl] = executor.exit(k, state)
+        outs[-1][sl] = executor.head(state)
+        if progress is not None:
+            progress.update(sl.stop - sl.start)
+    return outs

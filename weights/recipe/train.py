@@ -46,8 +46,9 @@ of about 100 s (2-4 minutes with a teacher); validation and export use the ordin
 Exit thresholds are calibrated on the validation split only (see :func:`calibrate`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
 within 0.5 points of the no-exit validation accuracy (``--threshold-rule within:0.5``);
-``fixed:T`` uses T for every exit. Both the calibrated and the paper's fixed 0.5 figures are
-recorded in the file's ``provenance``.
+``exits:P`` lets at most P % of the validation samples leave; ``fixed:T`` uses T for every exit
+(:mod:`xnorcdl.calibrate`). Both the calibrated and the paper's fixed 0.5 figures are recorded in
+the file's ``provenance``; ``python -m xnorcdl.tradeoff`` recalibrates a file without PyTorch.
 
 Initialisation from an .npz (``--init``): arrays are copied by name where the layer has the same
 role in both files. An edge conv's BN sits before the conv (on its input channels) and has no
@@ -78,6 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from xnorcdl import calibrate as xcal
 from xnorcdl.format import load_weights, save_weights
 from xnorcdl.spec import CIFAR10_MEAN, CIFAR10_STD, ExitSpec, ModelSpec, expected_arrays
 
@@ -457,27 +459,19 @@ def predict(model: HybridResNet, x: torch.Tensor, batch: int = 500, device="cpu"
     return [torch.cat(o) for o in outs]
 
 
+def _np(logits: List[torch.Tensor]) -> List[np.ndarray]:
+    return [l.numpy() if torch.is_tensor(l) else np.asarray(l) for l in logits]
+
+
 def decide(logits: List[torch.Tensor], thresholds: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
     """Algorithm 1 on precomputed logits: (predictions, exit index per sample), the index -1
-    (``xnorcdl.engine.FINAL``) for samples that reach the head. Exit k takes the samples still
-    undecided whose entropy is below thresholds[k]."""
-    n = len(logits[-1])
-    left = np.ones(n, bool)
-    pred = logits[-1].argmax(1).numpy().copy()
-    where = np.full(n, -1, dtype=np.int64)
-    for k, t in enumerate(thresholds):
-        take = left & (entropy(logits[k]) < t)
-        pred[take] = logits[k].argmax(1).numpy()[take]
-        where[take] = k
-        left &= ~take
-    return pred, where
+    (``xnorcdl.engine.FINAL``) for samples that reach the head (:func:`xnorcdl.calibrate.decide`)."""
+    return xcal.decide(_np(logits), thresholds)
 
 
 def conditional(logits: List[torch.Tensor], labels: np.ndarray, thresholds: Sequence[float]):
     """Algorithm 1 on precomputed logits: (accuracy, per-exit exit fractions)."""
-    pred, where = decide(logits, thresholds)
-    fracs = [float((where == k).mean()) for k in range(len(thresholds))]
-    return float((pred == labels).mean()), fracs
+    return xcal.conditional(_np(logits), labels, thresholds)
 
 
 def calibrate(logits: List[torch.Tensor], labels: np.ndarray, rule: str) -> List[float]:
@@ -511,35 +505,12 @@ def calibrate(logits: List[torch.Tensor], labels: np.ndarray, rule: str) -> List
 
 
 def calibrate_fast(logits: List[torch.Tensor], labels: np.ndarray, rule: str) -> List[float]:
-    """As :func:`calibrate`, vectorised over candidate thresholds (same result)."""
-    kind, _, val = rule.partition(":")
-    n_exits = len(logits) - 1
-    if kind != "within":
-        return calibrate(logits, labels, rule)
-    base = float((logits[-1].argmax(1).numpy() == labels).mean())
-    floor_acc = base - float(val) / 100.0
-    n = len(labels)
-    left = np.ones(n, bool)
-    correct_now = logits[-1].argmax(1).numpy() == labels   # outcome if nobody exits from here on
-    chosen = []
-    for k in range(n_exits):
-        h = entropy(logits[k])
-        ck = logits[k].argmax(1).numpy() == labels
-        hu = np.unique(h[left]) if left.any() else np.array([0.0])
-        cands = np.concatenate([[0.0], (hu[:-1] + hu[1:]) / 2, [hu[-1] + 1e-6]])
-        order = np.argsort(h)
-        hs = h[order]
-        gain = np.where(left, ck.astype(np.int64) - correct_now.astype(np.int64), 0)[order]
-        cum = np.concatenate([[0], np.cumsum(gain)])
-        m = np.searchsorted(hs, cands, side="left")  # samples with h < t
-        acc = (correct_now.sum() + cum[m]) / n
-        ok = np.flatnonzero(acc >= floor_acc - 1e-12)
-        t = float(cands[ok[-1]]) if len(ok) else 0.0
-        chosen.append(t)
-        take = left & (h < t)
-        correct_now = np.where(take, ck, correct_now)
-        left &= ~take
-    return chosen
+    """As :func:`calibrate`, vectorised over candidate thresholds (same result): the engine's
+    :func:`xnorcdl.calibrate.calibrate`, which ``python -m xnorcdl.tradeoff`` also uses."""
+    try:
+        return xcal.calibrate(_np(logits), np.asarray(labels), rule)
+    except ValueError as exc:
+        raise ValueError(f"--threshold-rule: {exc}") from None
 
 
 # ============================================================================ training
@@ -762,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", required=True, help="weights file to write")
     a("--ckpt-dir", default=None, help="checkpoints and log (default: cache runs/<out name>)")
     a("--val-size", type=int, default=VAL_SIZE, help="last images of the train split held out")
-    a("--threshold-rule", default="within:0.5", help="within:D (points) or fixed:T (nats)")
+    a("--threshold-rule", default="within:0.5",
+      help="within:D (points), exits:P (%% leaving) or fixed:T (nats); xnorcdl.calibrate")
     a("--limit-train", type=int, default=None, help="use only the first N train images (smoke)")
     a("--limit-val", type=int, default=None, help="use only the first N validation images (smoke)")
     a("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke)")
@@ -786,6 +758,10 @@ def resolve(args) -> dict:
         weights = weights * len(exits)
     if len(weights) != len(exits):
         raise SystemExit(f"error: {len(weights)} exit weight(s) for {len(exits)} exit(s)")
+    try:
+        xcal.parse_rule(args.threshold_rule)
+    except ValueError as exc:
+        raise SystemExit(f"error: --threshold-rule: {exc}")
     if sum(weights) >= 1.0:
         raise SystemExit("error: the early-exit weights must sum to < 1 (the head gets the rest)")
     spec = ModelSpec(depth=args.depth, edge_convs=args.edge_convs, edge_bits=args.edge_bits,
