@@ -222,3 +222,23 @@ def test_command_file_errors(files, capsys, weights_file, tmp_path):
     code, _, err = run(["--weights", w, "--calib", cal, "--images", str(tmp_path / "nope.bin"),
                         "--write", str(out_w)], capsys)
     assert code == 2 and "nope.bin" in err and not out_w.exists(), err
+
+
+@pytest.mark.parametrize("command", ["infer", "tradeoff", "summary"])
+def test_json_to_stdout_is_pure_and_unwritable_path_is_one_error(files, capsys, command):
+    """--json - leaves only the JSON on stdout; a JSON path that cannot be written is one
+    error line and status 2 (the human-readable result was already printed)."""
+    from xnorcdl import infer, summary
+    w, cal, ev, tmp = files
+    main, args = {"infer": (infer.main, ["--weights", w, "--images", ev, "--backend", "reference",
+                                         "--no-progress"]),
+                  "tradeoff": (tradeoff.main, ["--weights", w, "--calib", cal, "--images", ev,
+                                               "--backend", "reference", "--no-progress"]),
+                  "summary": (summary.main, ["--weights", w])}[command]
+    assert main(args + ["--json", "-"]) == 0
+    json.loads(capsys.readouterr().out)
+    bad = str(tmp / "no" / "such" / "dir" / "out.json")
+    assert main(args + ["--json", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error:") and "out.json" in err
+    assert not list(tmp.glob("**/.xnorcdl-*"))

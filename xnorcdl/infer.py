@@ -8,7 +8,6 @@ bad option) print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from .energy import (EnergyTableError, energy_summary, format_energy, load_energ
 from .format import WeightsError
 from .model import load_model
 from .progress import Progress
+from .report import emit_json
 from .spec import SpecError
 
 CIFAR10_FILES = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
@@ -182,8 +182,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary["weights"] = args.weights
     summary["images"] = path
     summary["energy"] = energy_summary(model, res.exit_index, table)
-    print_summary(summary, model, args.backend)
-    print(format_energy(summary["energy"]))
+    out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds only the JSON
+    print_summary(summary, model, args.backend, out)
+    print(format_energy(summary["energy"]), file=out)
     if args.json:
         energy = per_sample_records(model, res.exit_index, table)
         doc = {"summary": summary, "samples": [
@@ -193,12 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              "entropies": [None if np.isnan(h) else float(h) for h in res.entropies[i]],
              "energy": energy[i]}
             for i in range(len(res.predictions))]}
-        text = json.dumps(doc, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+        return emit_json(doc, args.json)
     return 0
 
 

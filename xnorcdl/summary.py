@@ -9,7 +9,6 @@ it can leave. ``--json PATH`` writes all of it. Counting rules: docs/COUNTING.md
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List, Optional
 
@@ -17,6 +16,7 @@ from . import counter
 from .energy import EnergyTableError, fmt_pj, load_energy_table, profile, split_energy
 from .format import WeightsError
 from .model import load_model
+from .report import emit_json
 from .spec import SpecError
 
 
@@ -129,18 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     doc = layer_table(model, table)
     doc["weights"] = args.weights
-    if args.json == "-":
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(format_table(doc))
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
-        except OSError as exc:
-            print(f"error: {args.json}: cannot write ({exc})", file=sys.stderr)
-            return 2
-    return 0
+    if args.json != "-":
+        print(format_table(doc))
+    return emit_json(doc, args.json) if args.json else 0
 
 
 if __name__ == "__main__":

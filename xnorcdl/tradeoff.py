@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import sys
 from typing import List, Optional
 
@@ -29,6 +28,7 @@ from .format import WeightsError, load_weights, save_weights
 from .infer import UsageError, _load_images, make_executor, resolve_images
 from .model import load_model
 from .progress import Progress
+from .report import emit_json
 from .records import DataError
 from .spec import SpecError
 
@@ -191,14 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.write:
         print(f"\nwrote {args.write} with thresholds {doc['written']['thresholds']} "
               f"({rules[0]})", file=out)
-    if args.json:
-        text = json.dumps(doc, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
-    return 0
+    return emit_json(doc, args.json) if args.json else 0
 
 
 if __name__ == "__main__":

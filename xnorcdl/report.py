@@ -1,0 +1,31 @@
+"""Machine-readable results of the commands: ``--json PATH`` or ``--json -`` (stdout)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+
+def emit_json(doc: dict, dest: str) -> int:
+    """Write ``doc`` as indented JSON to stdout (``dest == "-"``) or to ``dest``, atomically (the
+    file appears only once complete). Returns the exit status: 0, or 2 after one ``error:`` line
+    on stderr when ``dest`` cannot be written."""
+    text = json.dumps(doc, indent=1)
+    if dest == "-":
+        print(text)
+        return 0
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".xnorcdl-", suffix=".json",
+                                   dir=os.path.dirname(os.path.abspath(dest)))
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        print(f"error: {dest}: cannot write the JSON ({exc})", file=sys.stderr)
+        return 2
+    return 0
