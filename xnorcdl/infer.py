@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load_images(path: str, fmt: str, limit: Optional[int], classes: int):
+def load_images(path: str, fmt: str, limit: Optional[int], classes: int):
+    """(images, labels or None) of a record file, the first ``limit``; labels checked against
+    the model's ``classes``."""
     from .records import read_records
     images, labels = read_records(path, fmt)
     if limit is not None:
@@ -161,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         table = load_energy_table(args.energy)
         thresholds = parse_thresholds(args.threshold, len(model.exits))
         path = resolve_images(args.images, args.fetch)
-        images, labels = _load_images(path, args.format, args.limit, model.spec.num_classes)
+        images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
         executor = make_executor(model, args.backend)
         batch = args.batch_size or (1 if args.backend == "fast" else 100)
         if batch < 1:

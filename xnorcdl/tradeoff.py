@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from . import calibrate, engine
 from .energy import EnergyTableError, energy_summary, fmt_pj, load_energy_table
 from .format import WeightsError, load_weights, save_weights
-from .infer import UsageError, _load_images, make_executor, resolve_images
+from .infer import UsageError, load_images, make_executor, resolve_images
 from .model import load_model
 from .progress import Progress
 from .report import emit_json
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _labelled(path: str, fmt: str, limit: Optional[int], classes: int, what: str):
-    images, labels = _load_images(path, fmt, limit, classes)
+    images, labels = load_images(path, fmt, limit, classes)
     if labels is None:
         raise UsageError(f"{what} {path}: has no labels; calibration and accuracy need them")
     if len(images) == 0:
