@@ -40,7 +40,11 @@ def _load_recipe():
     return mod
 
 
-T = _load_recipe()
+T = _load_recipe()  # puts the recipe's directory on sys.path for its own modules
+import cifar_batches as B  # noqa: E402
+import lr_schedule as S  # noqa: E402
+import qat_resnet as Q  # noqa: E402
+import val_scoring as V  # noqa: E402
 
 
 def _tiny_args(tmp_path, *extra):
@@ -81,7 +85,7 @@ def test_resume_refuses_other_configuration(tmp_path):
 def test_batched_augmentation_equals_per_image_crops_and_flips():
     """Data.batches gathers the whole batch at once; it must equal cropping and flipping each
     image on its own with the same random draws (permutation, x/y offsets, flips)."""
-    d = T.Data(8, 40, 8, synthetic=True, seed=5)
+    d = B.Data(8, 40, 8, synthetic=True, seed=5)
     batches = list(d.batches(16, torch.Generator().manual_seed(11)))
     gen = torch.Generator().manual_seed(11)
     perm = torch.randperm(40, generator=gen)
@@ -100,7 +104,7 @@ def test_batched_augmentation_equals_per_image_crops_and_flips():
 
 
 def test_padding_is_zero_and_crops_cover_every_offset():
-    d = T.Data(8, 40, 8, synthetic=True, seed=1)
+    d = B.Data(8, 40, 8, synthetic=True, seed=1)
     assert d.padded.shape == (40, 3, 40, 40)
     assert int(d.padded[:, :, :4].max()) == 0 and int(d.padded[:, :, :, 36:].max()) == 0
     torch.testing.assert_close(d.padded[:, :, 4:36, 4:36], d.x_train, rtol=0, atol=0)
@@ -112,7 +116,7 @@ def test_time_schedule_has_the_shape_of_the_step_schedule(kind):
     total, lr, warm = 1000, 0.1, 0.15
     w = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([w], lr=lr, momentum=0.9)
-    sched = T.make_sched(opt, kind, lr, total, warm)
+    sched = S.make_sched(opt, kind, lr, total, warm)
     for step in range(total):
         got = opt.param_groups[0]["lr"]
         if kind == "onecycle":  # torch's OneCycleLR: phase 1 ends at step warm * total - 1
@@ -121,11 +125,11 @@ def test_time_schedule_has_the_shape_of_the_step_schedule(kind):
         else:
             W = int(total * warm)
             p = (step + 1) / W * warm if step < W else warm + (step - W) / (total - W) * (1 - warm)
-        np.testing.assert_allclose(T.lr_at(kind, lr, p, warm), got, rtol=1e-6, atol=1e-9,
+        np.testing.assert_allclose(S.lr_at(kind, lr, p, warm), got, rtol=1e-6, atol=1e-9,
                                    err_msg=f"step {step}")
         opt.step()
         sched.step()
-    assert T.lr_at(kind, lr, 1.0, warm) == pytest.approx(lr / 1000 if kind == "onecycle" else 0.0)
+    assert S.lr_at(kind, lr, 1.0, warm) == pytest.approx(lr / 1000 if kind == "onecycle" else 0.0)
 
 
 def test_time_budget_run_stops_on_time_and_records_what_it_did(tmp_path):
@@ -254,10 +258,10 @@ def test_compiled_training_follows_the_ordinary_step(tmp_path):
 
 
 def _random_model(spec, seed=0):
-    model = T.HybridResNet(spec)
+    model = Q.HybridResNet(spec)
     arrays = random_weights(spec, seed)
     with torch.no_grad():
-        for k, t in T.named_tensors(model).items():
+        for k, t in Q.named_tensors(model).items():
             t.copy_(torch.from_numpy(arrays[k]))
     return model, arrays
 
@@ -270,7 +274,7 @@ def test_export_load_round_trip_is_exact(tmp_path, edge_convs, bits, shortcut):
                      exits=exits)
     model, arrays = _random_model(spec)
     path = str(tmp_path / "w.npz")
-    T.export(model, path, [0.25 * (k + 1) for k in range(len(exits))], {"note": "test"})
+    Q.export(model, path, [0.25 * (k + 1) for k in range(len(exits))], {"note": "test"})
     spec2, loaded = load_weights(path)
     assert [e.threshold for e in spec2.exits] == [0.25 * (k + 1) for k in range(len(exits))]
     assert spec2.provenance == {"note": "test"}
@@ -278,7 +282,7 @@ def test_export_load_round_trip_is_exact(tmp_path, edge_convs, bits, shortcut):
     for k in arrays:
         assert loaded[k].dtype == np.float32
         np.testing.assert_array_equal(loaded[k], arrays[k], err_msg=k)
-    again = T.export_arrays(T.model_from_file(path))
+    again = Q.export_arrays(Q.model_from_file(path))
     for k in arrays:
         np.testing.assert_array_equal(again[k], arrays[k], err_msg=k)
 
@@ -288,13 +292,13 @@ def test_quantizer_forward_equals_engine_codes(bits):
     rng = np.random.default_rng(bits)
     y = np.concatenate([rng.normal(0, 1, 5000), [0.0, -0.0, 1.0, -1.0, 2.0, -2.0],
                         np.linspace(-1.2, 1.2, 241)]).astype(np.float32)
-    got = T.quant_codes(torch.from_numpy(y), bits, 1.0).numpy()
+    got = Q.quant_codes(torch.from_numpy(y), bits, 1.0).numpy()
     np.testing.assert_array_equal(got, quant.codes(y, bits, 1.0).astype(np.float32))
 
 
 def test_straight_through_gradient_is_clipped_identity():
     y = torch.tensor([-2.0, -0.5, 0.0, 0.7, 1.5], requires_grad=True)
-    T.quant_codes(y, 1, 1.0).sum().backward()
+    Q.quant_codes(y, 1, 1.0).sum().backward()
     np.testing.assert_array_equal(y.grad.numpy(), [0.0, 1.0, 1.0, 1.0, 0.0])
 
 
@@ -308,7 +312,7 @@ def test_custom_straight_through_function_equals_its_autograd_definition(bits, v
                          np.nextafter(np.float32([1.0, -1.0, v0, -v0]), np.float32(0))])
     g = torch.from_numpy(rng.normal(0, 1, len(y0)).astype(np.float32))
     outs = []
-    for f in (T.quant_codes, T.quant_codes_autograd):
+    for f in (Q.quant_codes, Q.quant_codes_autograd):
         y = torch.tensor(y0, dtype=torch.float32, requires_grad=True)
         u = f(y, bits, v0)
         (u * g).sum().backward()
@@ -329,12 +333,12 @@ def test_threshold_calibration_stays_within_margin():
         rng.uniform(0, 6, n).astype(np.float32))
     logits = [early, head]
     base = float((head.argmax(1).numpy() == labels).mean())
-    t_fast = T.calibrate_fast(logits, labels, "within:0.5")
-    t_slow = T.calibrate(logits, labels, "within:0.5")
+    t_fast = V.calibrate_fast(logits, labels, "within:0.5")
+    t_slow = V.calibrate(logits, labels, "within:0.5")
     assert t_fast == pytest.approx(t_slow)
-    acc, frac = T.conditional(logits, labels, t_fast)
+    acc, frac = V.conditional(logits, labels, t_fast)
     assert acc >= base - 0.005 - 1e-12 and frac[0] > 0
-    assert T.calibrate(logits, labels, "fixed:0.5") == [0.5]
+    assert V.calibrate(logits, labels, "fixed:0.5") == [0.5]
 
 
 def _engine_outputs(path, images):
@@ -363,8 +367,8 @@ def test_torch_model_matches_engine(tmp_path, edge_convs, bits, shortcut):
     path = str(tmp_path / "w.npz")
     save_weights(path, spec, random_weights(spec, seed=edge_convs + bits))
     images = np.random.default_rng(7).integers(0, 256, (48, 3, 32, 32), dtype=np.uint8)
-    model_t = T.model_from_file(path)
-    torch_logits = T.predict(model_t, torch.from_numpy(images))
+    model_t = Q.model_from_file(path)
+    torch_logits = V.predict(model_t, torch.from_numpy(images))
     model, eng_logits = _engine_outputs(path, images)
     row_diff = np.max([np.abs(a.numpy() - b).max(axis=1)
                        for a, b in zip(torch_logits, eng_logits)], axis=0)
@@ -373,7 +377,7 @@ def test_torch_model_matches_engine(tmp_path, edge_convs, bits, shortcut):
     # thresholds at the median entropy of each exit, so that every path is exercised
     thr = [float(np.median(engine.entropy(l))) for l in eng_logits[:-1]]
     res = engine.run(model, images, ReferenceExecutor(model), thresholds=thr, batch_size=16)
-    pred_t, exit_t = T.decide(torch_logits, thr)
+    pred_t, exit_t = V.decide(torch_logits, thr)
     assert engine.FINAL == -1
     assert len(set(exit_t.tolist())) > 1, "the thresholds should split the batch"
     assert (res.exit_index == exit_t).mean() >= 0.95

@@ -4,7 +4,7 @@
 For each file:
 
 * the whole CIFAR-10 test split (10000 images) through the PyTorch mirror of the network
-  (train.py, eval mode) with Algorithm 1 applied to its logits: accuracy and exit fractions at
+  (qat_resnet.py, eval mode) with Algorithm 1 applied to its logits: accuracy and exit fractions at
   the file's thresholds and at the paper's fixed 0.5;
 * the first ``--subset`` test images through the engine (xnorcdl reference executor, Algorithm 1):
   accuracy and exit counts; the engine and PyTorch decisions on the subset are compared;
@@ -19,7 +19,6 @@ The test split is read here only, after training and threshold calibration are f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -30,10 +29,11 @@ import torch
 from threadpoolctl import threadpool_limits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("xnorcdl_recipe_train", os.path.join(HERE, "train.py"))
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+sys.path.insert(0, HERE)  # the recipe's own modules
 
+from qat_resnet import model_from_file  # noqa: E402
+from run_records import sha256_of  # noqa: E402
+from val_scoring import conditional, decide, predict  # noqa: E402
 from xnorcdl import engine  # noqa: E402
 from xnorcdl.data import load_cifar10  # noqa: E402
 from xnorcdl.executor import ReferenceExecutor  # noqa: E402
@@ -63,20 +63,20 @@ def main(argv=None) -> int:
     report = {}
     for path in args.files:
         name = os.path.basename(path)
-        model_t = T.model_from_file(path)
+        model_t = model_from_file(path)
         spec = model_t.spec
         thr = [e.threshold for e in spec.exits]
-        r = {"sha256": T.sha256_of(path)}
+        r = {"sha256": sha256_of(path)}
         if not args.skip_torch:
             t0 = time.time()
-            logits = T.predict(model_t, torch.from_numpy(x))
-            acc, fr = T.conditional(logits, y, thr)
+            logits = predict(model_t, torch.from_numpy(x))
+            acc, fr = conditional(logits, y, thr)
             r["torch_full_test"] = {
                 "images": len(y), "seconds": round(time.time() - t0, 1),
                 "no_exit_acc": round(float((logits[-1].argmax(1).numpy() == y).mean()) * 100, 2),
                 "acc": round(acc * 100, 2), "exit_fraction": [round(f * 100, 2) for f in fr]}
             if thr:
-                acc05, fr05 = T.conditional(logits, y, [0.5] * len(thr))
+                acc05, fr05 = conditional(logits, y, [0.5] * len(thr))
                 r["torch_full_test"].update(
                     exit_acc=[round(float((l.argmax(1).numpy() == y).mean()) * 100, 2)
                               for l in logits[:-1]],
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
                               "acc": round(correct / n * 100, 2),
                               "exit_fraction": [round(e / n * 100, 2) for e in exited],
                               "seconds": round(time.time() - t0, 1)}
-        sub = T.predict(model_t, torch.from_numpy(x[:n]))
-        pred_t, exit_t = T.decide(sub, thr)
+        sub = predict(model_t, torch.from_numpy(x[:n]))
+        pred_t, exit_t = decide(sub, thr)
         r["engine_vs_torch_subset"] = {
             "same_prediction": int((pred_t == res.predictions).sum()),
             "same_exit": int((exit_t == res.exit_index).sum())}
