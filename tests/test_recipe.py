@@ -164,6 +164,33 @@ def test_init_chain_is_recorded(tmp_path):
     assert prov["init_provenance"]["command"] == load_weights(first)[0].provenance["command"]
 
 
+def test_exits_only_run_trains_the_exits_and_nothing_else(tmp_path):
+    """separate, --epochs 0 --exit-epochs N --init FILE: phase 1 is skipped; every conv, BN and
+    head array is exported exactly as in FILE, the exit's arrays are trained."""
+    assert T.main(_tiny_args(tmp_path)) == 0
+    first = str(tmp_path / "tiny.npz")
+    _, before = load_weights(first)
+    args = _tiny_args(tmp_path / "exits", "--init", first, "--strategy", "separate",
+                      "--exit-epochs", "2")
+    args[args.index("--epochs") + 1] = "0"
+    assert T.main(args) == 0
+    spec, after = load_weights(str(tmp_path / "exits" / "tiny.npz"))
+    assert sorted(after) == sorted(before)
+    exit_keys = [k for k in before if k.startswith("exit")]
+    assert exit_keys
+    for k in before:
+        if k in exit_keys:
+            assert not np.array_equal(before[k], after[k]), k
+        else:
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    prov = spec.provenance
+    assert (prov["strategy"], prov["epochs"], prov["exit_epochs"]) == ("separate", 0, 2)
+    assert [h["phase"] for h in prov["history"]] == ["exits", "exits"]
+    no_init = [a for a in args if a not in ("--init", first)]
+    with pytest.raises(SystemExit, match="existing hybrid"):
+        T.main(no_init)
+
+
 def test_distillation_loss_is_the_weighted_sum_of_its_two_terms():
     g = torch.Generator().manual_seed(0)
     z, t = torch.randn(12, 10, generator=g, dtype=torch.float64), torch.randn(12, 10, generator=g, dtype=torch.float64)

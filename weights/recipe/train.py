@@ -20,6 +20,9 @@ Training strategies (paper section II.B):
 * ``separate``: train the hybrid without exits (head loss only) for ``--epochs``, then freeze
   every conv and BN (BN in inference mode) and train each exit alone on eq. (4) for
   ``--exit-epochs`` (the exits share no parameters, so one pass trains all of them independently).
+  ``--epochs 0 --exit-epochs N --init FILE`` skips the first phase: it trains (or attaches, for
+  an exit the file lacks) only the exits of an already trained hybrid, every other array as in
+  FILE.
 
 Data: the 50000 CIFAR-10 training images, of which the LAST 5000 are held out as validation and
 never trained on; the test split is never read here. Augmentation: random crop with 4-pixel zero
@@ -227,8 +230,14 @@ def resolve(args) -> dict:
     ckpt = args.ckpt_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "xnorcdl", "runs", os.path.splitext(os.path.basename(args.out))[0])
-    if (args.epochs > 0) == (args.time_budget > 0):
-        raise SystemExit("error: give exactly one of --epochs N (> 0) and --time-budget SECONDS")
+    exits_only = (args.strategy == "separate" and args.epochs == 0 and args.time_budget == 0
+                  and args.exit_epochs > 0)
+    if exits_only and not (args.init and exits):
+        raise SystemExit("error: --strategy separate --epochs 0 trains only the exits of an "
+                         "existing hybrid: give it as --init FILE, and --exits")
+    if not exits_only and (args.epochs > 0) == (args.time_budget > 0):
+        raise SystemExit("error: give exactly one of --epochs N (> 0) and --time-budget SECONDS "
+                         "(or, separate, --epochs 0 --exit-epochs N with --init)")
     if args.teacher is not None and not (0.0 <= args.kd_weight <= 1.0 and args.kd_temp > 0):
         raise SystemExit("error: --kd-weight must lie in [0, 1] and --kd-temp be > 0")
     if args.compile and args.cuda_graphs:
@@ -239,8 +248,9 @@ def resolve(args) -> dict:
     if args.teacher is None:  # nothing to weigh: keeps old checkpoints resumable
         cfg.update(kd_weight=None, kd_temp=None)
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
-               exit_epochs=(args.exit_epochs or max(1, args.epochs // 4) if args.epochs else 0)
-               if args.strategy == "separate" and exits else 0)
+               exit_epochs=(args.exit_epochs or max(1, args.epochs // 4)
+                            if args.strategy == "separate" and exits and not args.time_budget
+                            else 0))
     return cfg
 
 
@@ -476,6 +486,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for p, (pname, epochs, weights, frozen, seconds) in enumerate(plan_phases(cfg)):
         if p < state["phase"]:
+            continue
+        if epochs == 0:  # separate with --epochs 0: the --init hybrid's convs stay as they are
+            state.setdefault("phase_epochs", {})[pname] = 0
+            state["phase"], state["epoch"] = p + 1, 0
+            log(f"phase {pname}: skipped (--epochs 0)")
             continue
         opt, sched = optimizer_for(model, cfg, frozen, epochs, steps, seconds)
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + p)
