@@ -226,8 +226,9 @@ def test_command_file_errors(files, capsys, weights_file, tmp_path):
 
 @pytest.mark.parametrize("command", ["infer", "tradeoff", "summary"])
 def test_json_to_stdout_is_pure_and_unwritable_path_is_one_error(files, capsys, command):
-    """--json - leaves only the JSON on stdout; a JSON path that cannot be written is one
-    error line and status 2 (the human-readable result was already printed)."""
+    """--json - leaves only the JSON on stdout; a JSON path that cannot be written is refused
+    before any work: one error line naming the option and the path, status 2, nothing printed
+    or written (not even the --write copy of tradeoff)."""
     from xnorcdl import infer, summary
     w, cal, ev, tmp = files
     main, args = {"infer": (infer.main, ["--weights", w, "--images", ev, "--backend", "reference",
@@ -238,7 +239,17 @@ def test_json_to_stdout_is_pure_and_unwritable_path_is_one_error(files, capsys, 
     assert main(args + ["--json", "-"]) == 0
     json.loads(capsys.readouterr().out)
     bad = str(tmp / "no" / "such" / "dir" / "out.json")
-    assert main(args + ["--json", bad]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("error:") and "out.json" in err
-    assert not list(tmp.glob("**/.xnorcdl-*"))
+    extra = ["--write", str(tmp / "recal.npz")] if command == "tradeoff" else []
+    assert main(args + extra + ["--json", bad]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err.strip().splitlines() == [
+        f"error: --json {bad}: folder {tmp / 'no' / 'such' / 'dir'} does not exist"]
+    assert not list(tmp.glob("**/.xnorcdl-*")) and not (tmp / "recal.npz").exists()
+    assert main(args + ["--json", str(tmp)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    if command == "tradeoff":
+        nowhere = str(tmp / "none" / "recal.npz")
+        assert main(args + ["--write", nowhere]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and f"error: --write {nowhere}: folder" in cap.err

@@ -22,7 +22,7 @@ from .energy import (EnergyTableError, energy_summary, format_energy, load_energ
 from .format import WeightsError
 from .model import load_model
 from .progress import Progress
-from .report import emit_json
+from .report import check_destination, emit_json
 from .spec import SpecError
 
 CIFAR10_FILES = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
@@ -159,6 +159,8 @@ def load_images(path: str, fmt: str, limit: Optional[int], classes: int):
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.json:
+            check_destination(args.json, "--json")
         model = load_model(args.weights)
         table = load_energy_table(args.energy)
         thresholds = parse_thresholds(args.threshold, len(model.exits))

@@ -7,6 +7,21 @@ import sys
 import tempfile
 
 
+def check_destination(dest: str, option: str) -> None:
+    """Refuse an output path before any work is done: its folder must exist and be writable, and
+    the path must not be a folder. ``-`` (stdout) always passes. Raises ``ValueError`` naming the
+    option and the path."""
+    if dest == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(dest):
+        raise ValueError(f"{option} {dest}: is a folder; expected a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {dest}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {dest}: folder {folder} is not writable")
+
+
 def emit_json(doc: dict, dest: str) -> int:
     """Write ``doc`` as indented JSON to stdout (``dest == "-"``) or to ``dest``, atomically (the
     file appears only once complete). Returns the exit status: 0, or 2 after one ``error:`` line

@@ -16,7 +16,7 @@ from . import counter
 from .energy import EnergyTableError, fmt_pj, load_energy_table, profile, split_energy
 from .format import WeightsError
 from .model import load_model
-from .report import emit_json
+from .report import check_destination, emit_json
 from .spec import SpecError
 
 
@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.json:
+            check_destination(args.json, "--json")
         model = load_model(args.weights)
         table = load_energy_table(args.energy)
-    except (WeightsError, SpecError, EnergyTableError, OSError) as exc:
+    except (WeightsError, SpecError, EnergyTableError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     doc = layer_table(model, table)

@@ -28,7 +28,7 @@ from .format import WeightsError, load_weights, save_weights
 from .infer import UsageError, load_images, make_executor, resolve_images
 from .model import load_model
 from .progress import Progress
-from .report import emit_json
+from .report import check_destination, emit_json
 from .records import DataError
 from .spec import SpecError
 
@@ -154,6 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for opt, v in (("--batch-size", args.batch_size), ("--threads", args.threads)):
             if v < 1:
                 raise UsageError(f"{opt}: expected a positive integer, got {v}")
+        for opt, dest in (("--json", args.json), ("--write", args.write)):
+            if dest:
+                check_destination(dest, opt)
         model = load_model(args.weights)
         if not model.exits:
             raise UsageError(f"{args.weights}: the model has no early exit; nothing to calibrate")
