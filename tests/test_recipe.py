@@ -152,6 +152,26 @@ def test_time_budget_run_stops_on_time_and_records_what_it_did(tmp_path):
         T.main(_tiny_args(tmp_path, "--time-budget", "3"))
 
 
+def test_budget_ending_at_an_epoch_boundary_still_validates_the_last_epoch(tmp_path,
+                                                                         monkeypatch):
+    """When the clock runs out exactly between two epochs (the next epoch gets no step), the
+    epoch before is the last one: it is validated like any last epoch."""
+    real, calls = T.train_epoch, []
+
+    def one_epoch_then_out_of_time(*a, **k):
+        calls.append(1)
+        return real(*a, **k) if len(calls) == 1 else (0.0, 0.0, 0)
+
+    monkeypatch.setattr(T, "train_epoch", one_epoch_then_out_of_time)
+    args = _tiny_args(tmp_path)
+    args[args.index("--epochs"):args.index("--epochs") + 2] = ["--time-budget", "600"]
+    args += ["--eval-every", "1000"]
+    assert T.main(args) == 0
+    hist = load_weights(str(tmp_path / "tiny.npz"))[0].provenance["history"]
+    assert len(calls) == 2 and len(hist) == 1 and hist[0]["steps"] > 0
+    assert len(hist[0]["val_acc"]) == 2  # exit and head
+
+
 def test_init_chain_is_recorded(tmp_path):
     assert T.main(_tiny_args(tmp_path)) == 0
     first = str(tmp_path / "tiny.npz")

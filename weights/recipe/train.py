@@ -422,6 +422,13 @@ def optimizer_for(model: HybridResNet, cfg: dict, frozen: bool, epochs: int, ste
     return opt, make_sched(opt, cfg["sched"], cfg["lr"], epochs * steps, cfg["warmup"])
 
 
+def val_accs(model, data, dev) -> list:
+    """Top-1 validation accuracy (%) of every exit and the head, rounded to 0.01."""
+    val = predict(model, data.x_val, device=dev)
+    yv = data.y_val.numpy()
+    return [round(float((l.argmax(1).numpy() == yv).mean()) * 100, 2) for l in val]
+
+
 def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict, command: str,
                         log) -> None:
     """Calibrate the exit thresholds on the validation split (``--threshold-rule``), record the
@@ -517,6 +524,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
                                              epoch, epochs, frozen, teacher, fwd)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
+                prev = state["history"][-1] if state["history"] else None
+                if prev is not None and prev["phase"] == pname and "val_acc" not in prev:
+                    # the epoch before was the last one after all: validate it as such
+                    prev["val_acc"] = val_accs(model, data, dev)
+                    log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end; "
+                        f"val acc per exit/head {' '.join(f'{a:.2f}' for a in prev['val_acc'])}")
+                    atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
+                                 "sched": sched.state_dict(), "gen": gen.get_state(),
+                                 "state": state}, ck_path)
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
             t1 = time.time()
@@ -524,11 +540,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "seconds": round(secs, 1)}
             msg = ""
             if last or (epoch + 1) % max(1, cfg["eval_every"]) == 0:
-                val = predict(model, data.x_val, device=dev)
-                yv = data.y_val.numpy()
-                accs = [float((l.argmax(1).numpy() == yv).mean()) for l in val]
-                entry["val_acc"] = [round(a * 100, 2) for a in accs]
-                msg = f", val acc per exit/head {' '.join(f'{a * 100:.2f}' for a in accs)}"
+                entry["val_acc"] = val_accs(model, data, dev)
+                msg = f", val acc per exit/head {' '.join(f'{a:.2f}' for a in entry['val_acc'])}"
             state["wall"] += secs + (time.time() - t1)
             state["epoch"] = epoch + 1
             state["phase"] = p
