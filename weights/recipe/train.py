@@ -518,6 +518,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             # forward replayed wrong logits (then NaN) on an H200 while the ordinary call was
             # exact; ungraphed it adds ~10 % to a graphed step.
             model = graph_model(model, cfg["batch"], log)
+
+        def checkpoint():  # resumable state after a completed (or just validated) epoch
+            atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "gen": gen.get_state(), "state": state},
+                        ck_path)
+
         log(f"phase {pname}: " + (f"{seconds:.0f} s budget" if timed else f"{epochs} epochs")
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
@@ -530,9 +536,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     prev["val_acc"] = val_accs(model, data, dev)
                     log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end; "
                         f"val acc per exit/head {' '.join(f'{a:.2f}' for a in prev['val_acc'])}")
-                    atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
-                                 "sched": sched.state_dict(), "gen": gen.get_state(),
-                                 "state": state}, ck_path)
+                    checkpoint()
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
             t1 = time.time()
@@ -548,9 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             state["history"].append(entry)
             log(f"phase {pname} epoch {epoch + 1}/{'?' if timed else epochs} done in {secs:.1f}s: "
                 f"loss {loss:.4f}{msg}; total {state['wall']:.0f}s")
-            atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "gen": gen.get_state(), "state": state},
-                        ck_path)
+            checkpoint()
             if last:
                 break
         state.setdefault("phase_epochs", {})[pname] = state["epoch"]
