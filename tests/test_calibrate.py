@@ -68,8 +68,12 @@ def scan(outputs, labels, rule):
         for t in np.concatenate([[0.0], (h[:-1] + h[1:]) / 2, [h[-1] + 1e-6]]):
             thr = chosen + [float(t)] + [0.0] * (k_exits - k - 1)
             acc, fr = calibrate.conditional(outputs, labels, thr)
-            ok = (acc >= base - value / 100 - 1e-12) if kind == "within" else (
-                sum(fr) <= value / 100 + 1e-12)
+            if kind == "within":
+                ok = acc >= base - value / 100 - 1e-12
+            elif kind == "accuracy":
+                ok = acc >= value / 100 - 1e-12
+            else:
+                ok = sum(fr) <= value / 100 + 1e-12
             if ok:
                 best = float(t)
         chosen.append(best)
@@ -96,7 +100,8 @@ def logits_sets(draw):
 @settings(max_examples=80, deadline=None)
 @given(logits_sets(), st.sampled_from(["within:0", "within:0.5", "within:3", "within:100",
                                        "exits:0", "exits:30", "exits:59.3", "exits:100",
-                                       "fixed:0.5"]))
+                                       "accuracy:0", "accuracy:40", "accuracy:75",
+                                       "accuracy:100", "fixed:0.5"]))
 def test_calibrate_equals_exhaustive_scan(data, rule):
     outs, labels = data
     got = calibrate.calibrate(outs, labels, rule)
@@ -107,6 +112,8 @@ def test_calibrate_equals_exhaustive_scan(data, rule):
         assert acc >= float((outs[-1].argmax(1) == labels).mean()) - value / 100 - 1e-12
     elif kind == "exits":
         assert sum(fr) <= value / 100 + 1e-12
+    elif kind == "accuracy" and any(got):  # all 0: the target is out of reach (scan agrees)
+        assert acc >= value / 100 - 1e-12
 
 
 def test_calibrate_takes_the_largest_threshold_that_keeps_the_rule():
@@ -126,9 +133,14 @@ def test_calibrate_takes_the_largest_threshold_that_keeps_the_rule():
     t30 = calibrate.calibrate(outs, labels, "exits:30")[0]
     assert h[2] < t30 < h[3]         # three of ten leave
     assert calibrate.conditional(outs, labels, [t30])[1] == [0.3]
+    t80 = calibrate.calibrate(outs, labels, "accuracy:80")[0]
+    assert h[7] < t80 < h[8]         # two wrong samples leave: 80 % overall
+    assert calibrate.conditional(outs, labels, [t80]) == (0.8, [0.8])
+    assert calibrate.calibrate([exit_, exit_], labels, "accuracy:70")[0] == 0.0  # head at 60 %
 
 
 @pytest.mark.parametrize("rule", ["within", "within:", "within:x", "within:-1", "exits:101",
+                                  "accuracy:101", "accuracy:-1", "accuracy",
                                   "fixed:nan", "median:1", ""])
 def test_bad_rules_are_refused(rule):
     with pytest.raises(ValueError, match="threshold rule"):
@@ -193,6 +205,19 @@ def test_command_table_json_and_write(files, capsys):
     assert rec["rule"] == "within:1" and rec["previous"] == [0.5] and rec["samples"] == 30
     for k in old_arrays:
         np.testing.assert_array_equal(arrays[k], old_arrays[k])
+
+
+def test_command_table_columns_line_up_for_long_rules(files, capsys):
+    w, cal, ev, tmp = files
+    rules = "accuracy:12.345,within:1,exits:50"
+    code, out, err = run(["--weights", w, "--calib", cal, "--images", ev, "--rules", rules,
+                          "--backend", "reference", "--no-progress"], capsys)
+    assert code == 0, err
+    rows = [ln for ln in (out + err).splitlines() if ln.startswith(("rule ", "accuracy:", "within:",
+                                                                   "exits:"))]
+    assert len(rows) == 4
+    assert len({ln.index("|") for ln in rows}) == 1         # every row's first bar in one column
+    assert len({ln.rindex("|") for ln in rows}) == 1
 
 
 @pytest.mark.parametrize("extra, message", [

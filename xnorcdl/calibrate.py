@@ -13,7 +13,11 @@ Rules (``parse_rule``):
   conditional network on the calibration set (later exits closed) stays >= its no-exit accuracy
   minus D percentage points;
 * ``exits:P``   exits in order, each gets the largest threshold such that at most P % of the
-  calibration samples leave at the edge (all exits so far together).
+  calibration samples leave at the edge (all exits so far together);
+* ``accuracy:A`` exits in order, each gets the largest threshold such that the accuracy of the
+  conditional network on the calibration set (later exits closed) stays >= A %: the most edge
+  exits for a target accuracy. If the network without exits is already below A, no sample
+  leaves (every threshold 0).
 
 Candidates are 0, the midpoints between consecutive distinct entropies of the samples still
 undecided, and just above the largest one, so a threshold never splits equal entropies and the
@@ -27,7 +31,7 @@ import numpy as np
 
 from .engine import FINAL, entropy
 
-RULES = ("fixed", "within", "exits")
+RULES = ("fixed", "within", "exits", "accuracy")
 
 
 def parse_rule(rule: str) -> Tuple[str, float]:
@@ -38,9 +42,9 @@ def parse_rule(rule: str) -> Tuple[str, float]:
     except ValueError:
         value = float("nan")
     if not sep or kind not in RULES or not np.isfinite(value) or value < 0 or (
-            kind == "exits" and value > 100):
-        raise ValueError(f"threshold rule: expected fixed:T (nats >= 0), within:D (points >= 0) "
-                         f"or exits:P (0..100 %), got {rule!r}")
+            kind in ("exits", "accuracy") and value > 100):
+        raise ValueError(f"threshold rule: expected fixed:T (nats >= 0), within:D (points >= 0), "
+                         f"exits:P (0..100 %) or accuracy:A (0..100 %), got {rule!r}")
     return kind, value
 
 
@@ -92,7 +96,10 @@ def calibrate(outputs: Sequence[np.ndarray], labels: np.ndarray, rule: str) -> L
     if n == 0:
         raise ValueError("calibration set is empty")
     correct_now = outputs[-1].argmax(axis=1) == labels  # outcome if nobody leaves from here on
-    floor = correct_now.sum() / n - value / 100.0 - 1e-12  # within: least accuracy allowed
+    if kind == "accuracy":                                 # least accuracy allowed
+        floor = value / 100.0 - 1e-12
+    else:
+        floor = correct_now.sum() / n - value / 100.0 - 1e-12
     budget = value / 100.0 + 1e-12                          # exits: largest edge fraction allowed
     left = np.ones(n, dtype=bool)
     chosen: List[float] = []
@@ -103,7 +110,7 @@ def calibrate(outputs: Sequence[np.ndarray], labels: np.ndarray, rule: str) -> L
         cands = np.concatenate([[0.0], (hu[:-1] + hu[1:]) / 2, [hu[-1] + 1e-6]])
         order = np.argsort(h, kind="stable")
         m = np.searchsorted(h[order], cands, side="left")  # samples with h < t, per candidate
-        if kind == "within":
+        if kind in ("within", "accuracy"):
             gain = np.where(left, ck.astype(np.int64) - correct_now, 0)[order]
             score = correct_now.sum() + np.concatenate([[0], np.cumsum(gain)])[m]
             ok = np.flatnonzero(score / n >= floor)

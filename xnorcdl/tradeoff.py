@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--format", default="cifar10", choices=["cifar10", "cifar100"],
       help="record format of --images and --calib")
     a("--rules", default=DEFAULT_RULES,
-      help="comma-separated threshold rules: fixed:T (nats), within:D (points), exits:P (%%)")
+      help="comma-separated threshold rules: fixed:T (nats), within:D (points), exits:P (%%), "
+           "accuracy:A (%%)")
     a("--limit", type=int, default=None, help="use only the first N evaluation samples")
     a("--backend", default="fast", choices=["fast", "reference"])
     a("--batch-size", type=int, default=100, help="samples per batch")
@@ -121,19 +122,20 @@ def write_thresholds(src: str, dst: str, rule: str, thresholds: List[float], cal
 
 
 def format_table(doc: dict) -> str:
+    w = max([12] + [len(r["rule"]) for r in doc["rules"]])  # rule column: the longest rule
     lines = [f"calibration {doc['calibration']['images']} ({doc['calibration']['samples']}): "
              f"no-exit accuracy {100 * doc['calibration']['no_exit_accuracy']:.2f}%",
              f"evaluation  {doc['evaluation']['images']} ({doc['evaluation']['samples']}): "
              f"no-exit accuracy {100 * doc['evaluation']['no_exit_accuracy']:.2f}%, exit top-1 "
              + ", ".join(f"{100 * a:.2f}%" for a in doc["evaluation"]["exit_top1"]),
              "",
-             f"{'rule':<12} {'threshold':>10} | {'calib acc':>9} {'exits':>7} | "
+             f"{'rule':<{w}} {'threshold':>10} | {'calib acc':>9} {'exits':>7} | "
              f"{'eval acc':>8} {'exits':>7} {'exit acc':>8} {'energy':>10} {'vs fp':>6}"]
     for r in doc["rules"]:
         c, e = r["calibration"], r["evaluation"]
         ea = "-" if e["edge_accuracy"] is None else f"{100 * e['edge_accuracy']:.2f}%"
         lines.append(
-            f"{r['rule']:<12} {','.join(f'{t:.4g}' for t in r['thresholds']):>10} | "
+            f"{r['rule']:<{w}} {','.join(f'{t:.4g}' for t in r['thresholds']):>10} | "
             f"{100 * c['accuracy']:8.2f}% {100 * c['edge_fraction']:6.2f}% | "
             f"{100 * e['accuracy']:7.2f}% {100 * e['edge_fraction']:6.2f}% {ea:>8} "
             f"{fmt_pj(e['energy_pJ_per_sample']):>10} {e['reduction_vs_full_precision']:5.2f}x")

@@ -48,7 +48,8 @@ of about 100 s (2-4 minutes with a teacher); validation and export use the ordin
 Exit thresholds are calibrated on the validation split only (:mod:`val_scoring`): by default
 the largest threshold such that the validation accuracy of the whole conditional network stays
 within 0.5 points of the no-exit validation accuracy (``--threshold-rule within:0.5``);
-``exits:P`` lets at most P % of the validation samples leave; ``fixed:T`` uses T for every exit
+``exits:P`` lets at most P % of the validation samples leave; ``accuracy:A`` keeps the
+validation accuracy >= A %; ``fixed:T`` uses T for every exit
 (:mod:`xnorcdl.calibrate`). Both the calibrated and the paper's fixed 0.5 figures are recorded in
 the file's ``provenance``; ``python -m xnorcdl.tradeoff`` recalibrates a file without PyTorch.
 
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt-dir", default=None, help="checkpoints and log (default: cache runs/<out name>)")
     a("--val-size", type=int, default=VAL_SIZE, help="last images of the train split held out")
     a("--threshold-rule", default="within:0.5",
-      help="within:D (points), exits:P (%% leaving) or fixed:T (nats); xnorcdl.calibrate")
+      help="within:D (points), exits:P (%% leaving), accuracy:A (%%) or fixed:T (nats); "
+           "xnorcdl.calibrate")
     a("--limit-train", type=int, default=None, help="use only the first N train images (smoke)")
     a("--limit-val", type=int, default=None, help="use only the first N validation images (smoke)")
     a("--max-steps", type=int, default=None, help="stop each epoch after N steps (smoke)")
