@@ -268,6 +268,34 @@ def test_gradient_clipping_bounds_the_step(tmp_path):
     assert any(np.abs(free[k] - a[k]).max() > 1e-3 for k in free)  # unclipped, they move
 
 
+def test_adam_first_step_moves_every_weight_by_the_learning_rate(tmp_path):
+    # Adam's first update is lr * g / (|g| + eps): the same size for every element whatever its
+    # gradient; SGD's is proportional to the gradient. --lr 0 gives the starting point (the
+    # first step of a one-step schedule runs at lr / 1000: 1e-3, far above float32 rounding).
+    moved = {}
+    for name, extra in (("start", ("--lr", "0")), ("adam", ("--optimizer", "adam")),
+                        ("sgd", ("--optimizer", "sgd"))):
+        d = tmp_path / name
+        assert T.main(_tiny_args(d, "--wd", "0", "--max-steps", "1", "--lr", "1", *extra)) == 0
+        spec, moved[name] = load_weights(str(d / "tiny.npz"))
+        assert spec.provenance["optimizer"] == ("adam" if name == "adam" else "sgd")
+    for k, w0 in moved["start"].items():
+        if w0.ndim < 2:
+            continue
+        same = {}  # fraction of elements that moved by the largest step, within 1 %
+        for opt in ("adam", "sgd"):
+            step = np.abs(moved[opt][k] - w0)
+            same[opt] = np.mean(np.abs(step / step.max() - 1.0) < 0.01)
+        # (a few elements have |g| near Adam's eps = 1e-8 and move less)
+        assert same["adam"] > 0.95 and same["sgd"] < 0.5, (k, same)
+
+
+def test_resume_refuses_another_optimizer(tmp_path):
+    assert T.main(_tiny_args(tmp_path)) == 0
+    with pytest.raises(SystemExit, match="another configuration.*optimizer"):
+        T.main(_tiny_args(tmp_path, "--optimizer", "adam"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("edge_convs", [0, 2])
 def test_cuda_graphs_train_as_the_ordinary_step(tmp_path, edge_convs):
