@@ -318,7 +318,7 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
             acc = (tot_correct.double() / seen * 100).tolist()
             log(f"epoch {epoch + 1}/{of} step {step + 1}/{steps} loss {float(tot_loss) / seen:.4f} "
                 f"train acc {' '.join(f'{a:.1f}' for a in acc)} "
-                f"lr {sched.get_last_lr()[0]:.4f} {el / (step + 1):.3f}s/step "
+                f"lr {sched.get_last_lr()[0]:.3g} {el / (step + 1):.3f}s/step "
                 f"epoch eta {el / (step + 1) * (steps - step - 1):.0f}s")
     return float(tot_loss) / max(1, seen), time.time() - t0, done
 
@@ -438,6 +438,11 @@ def val_accs(model, data, dev) -> list:
     return [round(float((l.argmax(1).numpy() == yv).mean()) * 100, 2) for l in val]
 
 
+def accs_text(accs) -> str:
+    """Accuracies (%) of the exits and the head as the log prints them: '74.20 89.38'."""
+    return " ".join(f"{a:.2f}" for a in accs)
+
+
 def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict, command: str,
                         log) -> None:
     """Calibrate the exit thresholds on the validation split (``--threshold-rule``), record the
@@ -544,7 +549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     # the epoch before was the last one after all: validate it as such
                     prev["val_acc"] = val_accs(model, data, dev)
                     log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end; "
-                        f"val acc per exit/head {' '.join(f'{a:.2f}' for a in prev['val_acc'])}")
+                        f"val acc per exit/head {accs_text(prev['val_acc'])}")
                     checkpoint()
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
@@ -554,7 +559,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             msg = ""
             if last or (epoch + 1) % max(1, cfg["eval_every"]) == 0:
                 entry["val_acc"] = val_accs(model, data, dev)
-                msg = f", val acc per exit/head {' '.join(f'{a:.2f}' for a in entry['val_acc'])}"
+                msg = f", val acc per exit/head {accs_text(entry['val_acc'])}"
             state["wall"] += secs + (time.time() - t1)
             state["epoch"] = epoch + 1
             state["phase"] = p
