@@ -125,8 +125,8 @@ def load_teacher(path: str, n_classes: int, device) -> HybridResNet:
 
 
 def param_groups(model: HybridResNet, wd: float, wd_latent: float):
-    """Parameter groups: float conv and linear weights decay by ``wd``, the latent weights of quantized
-    convs by ``wd_latent``, BN parameters and biases not at all."""
+    """Parameter groups: float conv and linear weights decay by ``wd``, the latent weights of
+    quantized convs by ``wd_latent``, BN parameters and biases not at all."""
     decay, latent, none = [], [], []
     for m in model.modules():
         if isinstance(m, QuanConv):
