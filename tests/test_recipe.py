@@ -43,6 +43,7 @@ def _load_recipe():
 T = _load_recipe()  # puts the recipe's directory on sys.path for its own modules
 import cifar_batches as B  # noqa: E402
 import lr_schedule as S  # noqa: E402
+import epoch_select as ES  # noqa: E402
 import qat_resnet as Q  # noqa: E402
 import val_scoring as V  # noqa: E402
 
@@ -209,6 +210,98 @@ def test_exits_only_run_trains_the_exits_and_nothing_else(tmp_path):
     no_init = [a for a in args if a not in ("--init", first)]
     with pytest.raises(SystemExit, match="existing hybrid"):
         T.main(no_init)
+
+
+def _noisy_logits(seed, n=300, c=10):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    outs = []
+    for boost in (4.0, 2.0):  # head, then exit; returned as [exit, head]
+        z = rng.normal(0, 1, (n, c)).astype(np.float32)
+        z[np.arange(n), labels] += rng.uniform(0, boost, n).astype(np.float32)
+        outs.append(z)
+    return [outs[1], outs[0]], labels
+
+
+@pytest.mark.parametrize("rule", ["accuracy:60", "within:1", "exits:40", "fixed:0.5"])
+def test_operating_point_scores_what_the_rule_leaves_free(rule):
+    """The score is the figure the rule does not fix: the edge fraction for accuracy/within
+    rules, the accuracy for exits/fixed, each from Algorithm 1 with the rule's thresholds."""
+    logits, labels = _noisy_logits(1)
+    point = ES.operating_point(logits, labels, rule)
+    thresholds = V.calibrate_fast([torch.from_numpy(l) for l in logits], labels, rule)
+    assert point["thresholds"] == thresholds
+    acc, fr = V.conditional(logits, labels, thresholds)
+    first = sum(fr) if rule.split(":")[0] in ("accuracy", "within") else acc
+    second = acc if first is not acc else sum(fr)
+    assert point["score"] == [first, second]
+    assert (point["acc"], point["edge"]) == (round(acc * 100, 2), round(sum(fr) * 100, 2))
+    if rule == "exits:40":
+        assert sum(fr) <= 0.4
+    if rule == "accuracy:60":
+        assert acc >= 0.6 and sum(fr) > 0
+
+
+def test_selection_keeps_the_earlier_of_equal_scores():
+    a, b = {"score": [0.5, 0.9]}, {"score": [0.5, 0.9]}
+    assert ES.better(a, None) and not ES.better(b, a)
+    assert ES.better({"score": [0.5, 0.91]}, a) and not ES.better({"score": [0.49, 1.0]}, a)
+    assert ES.default_out("weights/r32_20E.npz") == "weights/r32_20E_best.npz"
+    with pytest.raises(ValueError, match="early exit"):
+        ES.operating_point([np.zeros((3, 10))], np.zeros(3, int), "accuracy:50")
+
+
+def test_select_by_exports_the_best_validated_epoch(tmp_path):
+    """--select-by scores every validated epoch; the chosen file is the epoch with the highest
+    score (earliest among equals), and recalibrating it by the same rule at export gives the
+    very figures it was chosen for (so it is that epoch's model, not the last one's)."""
+    args = _tiny_args(tmp_path, "--select-by", "exits:50", "--threshold-rule", "exits:50",
+                      "--eval-every", "1")
+    args[args.index("--epochs") + 1] = "3"
+    assert T.main(args) == 0
+    last = load_weights(str(tmp_path / "tiny.npz"))[0].provenance
+    spec, _ = load_weights(str(tmp_path / "tiny_best.npz"))
+    prov = spec.provenance
+    hist = prov["history"]
+    assert hist == last["history"] and all("select" in h for h in hist)
+    scores = [(h["select"]["acc"], h["select"]["edge"]) for h in hist]
+    want = max(range(len(hist)), key=lambda i: (scores[i], -i))
+    sel = prov["selected"]
+    assert (sel["by"], sel["epoch"], sel["phase"]) == ("exits:50", hist[want]["epoch"], "joint")
+    assert (sel["val_acc"], sel["val_edge"]) == scores[want]
+    assert prov["validation"]["val_acc"] == sel["val_acc"]
+    assert round(sum(prov["validation"]["val_exit_fraction"]), 2) == sel["val_edge"]
+    assert "selected" not in last
+    load_model(str(tmp_path / "tiny_best.npz"))
+
+
+def test_select_by_keeps_an_early_epoch_and_survives_a_resume(tmp_path, monkeypatch):
+    """Scores falling epoch by epoch: epoch 1 is exported (its weights differ from the last
+    epoch's), and a rerun of the finished command exports the same file again."""
+    calls = []
+
+    def falling(logits, labels, rule):
+        calls.append(1)
+        return {"rule": rule, "thresholds": [0.1], "acc": 50.0, "edge": 10.0,
+                "score": [-float(len(calls)), 0.0]}
+
+    monkeypatch.setattr(T, "operating_point", falling)
+    args = _tiny_args(tmp_path, "--select-by", "accuracy:50", "--select-out",
+                      str(tmp_path / "chosen.npz"))
+    args[args.index("--epochs") + 1] = "3"
+    assert T.main(args) == 0
+    assert len(calls) == 3
+    _, last = load_weights(str(tmp_path / "tiny.npz"))
+    spec, chosen = load_weights(str(tmp_path / "chosen.npz"))
+    assert spec.provenance["selected"]["epoch"] == 1
+    assert any(not np.array_equal(last[k], chosen[k]) for k in last if k.startswith("conv"))
+    os.rename(tmp_path / "chosen.npz", tmp_path / "first.npz")
+    assert T.main(args) == 0
+    _, again = load_weights(str(tmp_path / "chosen.npz"))
+    for k in chosen:
+        np.testing.assert_array_equal(chosen[k], again[k], err_msg=k)
+    with pytest.raises(SystemExit, match="--select-by"):
+        T.main(_tiny_args(tmp_path / "bad", "--select-by", "best:1"))
 
 
 def test_distillation_loss_is_the_weighted_sum_of_its_two_terms():

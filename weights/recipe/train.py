@@ -54,6 +54,11 @@ validation accuracy >= A %; ``fixed:T`` uses T for every exit
 (:mod:`xnorcdl.calibrate`). Both the calibrated and the paper's fixed 0.5 figures are recorded in
 the file's ``provenance``; ``python -m xnorcdl.tradeoff`` recalibrates a file without PyTorch.
 
+``--select-by RULE`` scores every validated epoch by the operating point RULE calibrates on the
+validation split (``accuracy:A``: most edge exits at A %; ``exits:P``: best accuracy at P %
+exits) and exports the best epoch to ``--select-out`` besides the last to ``--out``
+(:mod:`epoch_select`; the choice is recorded in the provenance as ``selected``).
+
 Initialisation from an .npz (``--init``): arrays are copied by name where the layer has the same
 role in both files (:func:`qat_resnet.init_from`: edge BNs without a counterpart start as the
 identity, latent weights from the full-precision conv weights, missing exits at random).
@@ -83,6 +88,7 @@ from xnorcdl import calibrate as xcal  # noqa: E402
 from xnorcdl.spec import ExitSpec, ModelSpec  # noqa: E402
 
 from cifar_batches import VAL_SIZE, Data  # noqa: E402
+from epoch_select import better, default_out, operating_point  # noqa: E402
 from lr_schedule import TimeSched, make_sched  # noqa: E402
 from qat_resnet import CHANNELS_LAST, HybridResNet, QuanConv, export, init_from, model_from_file  # noqa: E402
 from run_records import Logger, atomic_save, init_record, machine, teacher_record  # noqa: E402
@@ -210,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", choices=("cpu", "cuda"))
     a("--log-every", type=int, default=50)
     a("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    a("--select-by", default=None,
+      help="also export the validated epoch with the best operating point under this rule "
+           "(accuracy:A or within:D: most edge exits; exits:P: best accuracy); epoch_select")
+    a("--select-out", default=None, help="file for --select-by (default: <out>_best.npz)")
     return ap
 
 
@@ -224,6 +234,14 @@ def resolve(args) -> dict:
         xcal.parse_rule(args.threshold_rule)
     except ValueError as exc:
         raise SystemExit(f"error: --threshold-rule: {exc}")
+    if args.select_by is not None:
+        try:
+            xcal.parse_rule(args.select_by)
+        except ValueError as exc:
+            raise SystemExit(f"error: --select-by: {exc}")
+        if not exits:
+            raise SystemExit("error: --select-by scores the early exits' operating point: "
+                             "give --exits")
     if sum(weights) >= 1.0:
         raise SystemExit("error: the early-exit weights must sum to < 1 (the head gets the rest)")
     spec = ModelSpec(depth=args.depth, edge_convs=args.edge_convs, edge_bits=args.edge_bits,
@@ -254,6 +272,7 @@ def resolve(args) -> dict:
     if args.teacher is None:  # nothing to weigh: keeps old checkpoints resumable
         cfg.update(kd_weight=None, kd_temp=None)
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
+               select_out=(args.select_out or default_out(args.out)) if args.select_by else None,
                exit_epochs=(args.exit_epochs or max(1, args.epochs // 4)
                             if args.strategy == "separate" and exits and not args.time_budget
                             else 0))
@@ -343,7 +362,8 @@ def plan_phases(cfg: dict) -> list:
 #: configuration keys a checkpoint must share with the command that resumes it
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
-               "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer")
+               "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
+               "select_by")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -431,11 +451,26 @@ def optimizer_for(model: HybridResNet, cfg: dict, frozen: bool, epochs: int, ste
     return opt, make_sched(opt, cfg["sched"], cfg["lr"], epochs * steps, cfg["warmup"])
 
 
-def val_accs(model, data, dev) -> list:
-    """Top-1 validation accuracy (%) of every exit and the head, rounded to 0.01."""
-    val = predict(model, data.x_val, device=dev)
+def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: str):
+    """(accuracies, message) of one validation; records them in ``entry`` (a history entry).
+    With ``--select-by`` it also scores the epoch's operating point (:mod:`epoch_select`) and,
+    when it is the best so far, saves the model to ``best_path`` and records it as
+    ``state['best']`` (saved before the checkpoint that records it)."""
+    val = predict(model, data.x_val, device=cfg["device"])
     yv = data.y_val.numpy()
-    return [round(float((l.argmax(1).numpy() == yv).mean()) * 100, 2) for l in val]
+    accs = [round(float((l.argmax(1).numpy() == yv).mean()) * 100, 2) for l in val]
+    entry["val_acc"] = accs
+    msg = f", val acc per exit/head {accs_text(accs)}"
+    if cfg["select_by"]:
+        point = operating_point([l.numpy() for l in val], yv, cfg["select_by"])
+        entry["select"] = {k: point[k] for k in ("acc", "edge")}
+        msg += f"; {cfg['select_by']}: {point['acc']:.2f} % with {point['edge']:.2f} % exits"
+        if better(point, state.get("best")):
+            best = {"phase": entry["phase"], "epoch": entry["epoch"], **point}
+            atomic_save({"model": model.state_dict(), "best": best}, best_path)
+            state["best"] = best
+            msg += " (best so far)"
+    return accs, msg
 
 
 def accs_text(accs) -> str:
@@ -444,9 +479,10 @@ def accs_text(accs) -> str:
 
 
 def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict, command: str,
-                        log) -> None:
+                        log, selected: Optional[dict] = None) -> None:
     """Calibrate the exit thresholds on the validation split (``--threshold-rule``), record the
-    validation figures and the run in the provenance, and write ``--out``."""
+    validation figures and the run in the provenance, and write ``--out``. ``selected``: the
+    model is the epoch ``--select-by`` chose, recorded as such (the history stays the run's)."""
     val = predict(model, data.x_val, device=cfg["device"])
     yv = data.y_val.numpy()
     n_early = len(cfg["exits"])
@@ -477,6 +513,9 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "validation": figures, "history": state["history"],
+            **({"selected": {"by": selected["rule"], "phase": selected["phase"],
+                             "epoch": selected["epoch"], "val_acc": selected["acc"],
+                             "val_edge": selected["edge"]}} if selected else {}),
             "schedule_changes": state.get("schedule_changes", [])}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
     export(model, cfg["out"], thresholds, prov)
@@ -503,6 +542,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg["max_steps"]:
         steps = min(steps, cfg["max_steps"])
     ck_path = os.path.join(cfg["ckpt_dir"], "last.pt")
+    best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
 
     for p, (pname, epochs, weights, frozen, seconds) in enumerate(plan_phases(cfg)):
@@ -547,9 +587,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 prev = state["history"][-1] if state["history"] else None
                 if prev is not None and prev["phase"] == pname and "val_acc" not in prev:
                     # the epoch before was the last one after all: validate it as such
-                    prev["val_acc"] = val_accs(model, data, dev)
-                    log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end; "
-                        f"val acc per exit/head {accs_text(prev['val_acc'])}")
+                    _, msg = validate_epoch(model, data, cfg, state, prev, best_path)
+                    log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end"
+                        + msg)
                     checkpoint()
                 break
             last = epoch + 1 == epochs or (timed and sched.done())
@@ -558,8 +598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "seconds": round(secs, 1)}
             msg = ""
             if last or (epoch + 1) % max(1, cfg["eval_every"]) == 0:
-                entry["val_acc"] = val_accs(model, data, dev)
-                msg = f", val acc per exit/head {accs_text(entry['val_acc'])}"
+                _, msg = validate_epoch(model, data, cfg, state, entry, best_path)
             state["wall"] += secs + (time.time() - t1)
             state["epoch"] = epoch + 1
             state["phase"] = p
@@ -575,6 +614,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         atomic_save({"cfg": cfg, "model": model.state_dict(), "state": state}, ck_path)
 
     validate_and_export(model, data, cfg, state, command, log)
+    if cfg["select_by"] and state.get("best"):
+        kept = torch.load(best_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(kept["model"])
+        best = kept["best"]
+        log(f"--select-by {cfg['select_by']}: phase {best['phase']} epoch {best['epoch']} "
+            f"({best['acc']:.2f} % with {best['edge']:.2f} % exits on validation)")
+        validate_and_export(model, data, {**cfg, "out": cfg["select_out"]}, state, command, log,
+                            selected=best)
     return 0
 
 
