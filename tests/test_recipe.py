@@ -2,6 +2,8 @@
 
 * a tiny training run (depth 8, a few steps on synthetic images) exports a loadable file, for
   both strategies of section II.B, and a rerun resumes from its checkpoint;
+* ``--select-by`` exports the validated epoch with the best operating point (the score is what
+  the rule leaves free), and keeps it across a resume;
 * export then load is lossless, array by array, and the quantizer forward equals xnorcdl.quant;
 * the PyTorch model in eval mode and the engine's reference executor agree on one file:
   logits within 1e-4 except where float32 summation order flips an activation code, decisions
@@ -302,6 +304,9 @@ def test_select_by_keeps_an_early_epoch_and_survives_a_resume(tmp_path, monkeypa
         np.testing.assert_array_equal(chosen[k], again[k], err_msg=k)
     with pytest.raises(SystemExit, match="--select-by"):
         T.main(_tiny_args(tmp_path / "bad", "--select-by", "best:1"))
+    with pytest.raises(SystemExit, match="--select-out must differ"):
+        T.main(_tiny_args(tmp_path / "bad", "--select-by", "exits:50", "--select-out",
+                          str(tmp_path / "bad" / "tiny.npz")))
 
 
 def test_distillation_loss_is_the_weighted_sum_of_its_two_terms():

@@ -242,6 +242,8 @@ def resolve(args) -> dict:
         if not exits:
             raise SystemExit("error: --select-by scores the early exits' operating point: "
                              "give --exits")
+        if args.select_out and os.path.abspath(args.select_out) == os.path.abspath(args.out):
+            raise SystemExit("error: --select-out must differ from --out (the last epoch)")
     if sum(weights) >= 1.0:
         raise SystemExit("error: the early-exit weights must sum to < 1 (the head gets the rest)")
     spec = ModelSpec(depth=args.depth, edge_convs=args.edge_convs, edge_bits=args.edge_bits,
