@@ -275,6 +275,20 @@ def test_select_by_exports_the_best_validated_epoch(tmp_path):
     assert round(sum(prov["validation"]["val_exit_fraction"]), 2) == sel["val_edge"]
     assert "selected" not in last
     load_model(str(tmp_path / "tiny_best.npz"))
+    assert sel["init_point"] is None  # no --init
+
+
+def test_select_by_scores_the_init_file_it_has_to_beat(tmp_path):
+    assert T.main(_tiny_args(tmp_path)) == 0
+    first = str(tmp_path / "tiny.npz")
+    args = _tiny_args(tmp_path / "second", "--init", first, "--select-by", "exits:50")
+    assert T.main(args) == 0
+    sel = load_weights(str(tmp_path / "second" / "tiny_best.npz"))[0].provenance["selected"]
+    model = Q.model_from_file(first)
+    data = B.Data(B.VAL_SIZE, 64, 32, synthetic=True, seed=3)
+    val = V.predict(model, data.x_val)
+    want = ES.operating_point([l.numpy() for l in val], data.y_val.numpy(), "exits:50")
+    assert sel["init_point"] == {"acc": want["acc"], "edge": want["edge"]}
 
 
 def test_select_by_keeps_an_early_epoch_and_survives_a_resume(tmp_path, monkeypatch):

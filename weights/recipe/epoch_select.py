@@ -14,6 +14,10 @@ checkpoint and exported to ``--select-out`` as well as the last epoch to ``--out
 exit's top-1 accuracy swings by several points between consecutive epochs of a binary hybrid
 and does not track the operating points, so the last epoch is a draw among them.
 
+With ``--init`` the starting file is scored the same way before the first step and recorded
+(``selected.init_point`` in the provenance): the figure a round has to beat. It is not itself
+a candidate (it is already a file).
+
 The selection reads the validation split, which also calibrates the thresholds: the chosen
 file's validation figures are optimistic by the choice (the maximum of several draws), and only
 the test split measures it.

@@ -517,7 +517,8 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "validation": figures, "history": state["history"],
             **({"selected": {"by": selected["rule"], "phase": selected["phase"],
                              "epoch": selected["epoch"], "val_acc": selected["acc"],
-                             "val_edge": selected["edge"]}} if selected else {}),
+                             "val_edge": selected["edge"],
+                             "init_point": state.get("init_point")}} if selected else {}),
             "schedule_changes": state.get("schedule_changes", [])}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
     export(model, cfg["out"], thresholds, prov)
@@ -546,6 +547,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ck_path = os.path.join(cfg["ckpt_dir"], "last.pt")
     best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
+    if cfg["select_by"] and cfg["init"] and resume is None:  # the point training must beat
+        val = predict(model, data.x_val, device=dev)
+        start = operating_point([l.numpy() for l in val], data.y_val.numpy(), cfg["select_by"])
+        state["init_point"] = {k: start[k] for k in ("acc", "edge")}
+        log(f"--init {cfg['init']}: {cfg['select_by']}: {start['acc']:.2f} % with "
+            f"{start['edge']:.2f} % exits on validation")
 
     for p, (pname, epochs, weights, frozen, seconds) in enumerate(plan_phases(cfg)):
         if p < state["phase"]:
