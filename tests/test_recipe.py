@@ -234,9 +234,8 @@ def test_operating_point_scores_what_the_rule_leaves_free(rule):
     thresholds = V.calibrate_fast([torch.from_numpy(l) for l in logits], labels, rule)
     assert point["thresholds"] == thresholds
     acc, fr = V.conditional(logits, labels, thresholds)
-    first = sum(fr) if rule.split(":")[0] in ("accuracy", "within") else acc
-    second = acc if first is not acc else sum(fr)
-    assert point["score"] == [first, second]
+    free_edge = rule.split(":")[0] in ("accuracy", "within")
+    assert point["score"] == ([sum(fr), acc] if free_edge else [acc, sum(fr)])
     assert (point["acc"], point["edge"]) == (round(acc * 100, 2), round(sum(fr) * 100, 2))
     if rule == "exits:40":
         assert sum(fr) <= 0.4

@@ -453,8 +453,9 @@ def optimizer_for(model: HybridResNet, cfg: dict, frozen: bool, epochs: int, ste
     return opt, make_sched(opt, cfg["sched"], cfg["lr"], epochs * steps, cfg["warmup"])
 
 
-def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: str):
-    """(accuracies, message) of one validation; records them in ``entry`` (a history entry).
+def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: str) -> str:
+    """One validation: records the accuracies in ``entry`` (a history entry), returns the log
+    message.
     With ``--select-by`` it also scores the epoch's operating point (:mod:`epoch_select`) and,
     when it is the best so far, saves the model to ``best_path`` and records it as
     ``state['best']`` (saved before the checkpoint that records it)."""
@@ -472,7 +473,7 @@ def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: 
             atomic_save({"model": model.state_dict(), "best": best}, best_path)
             state["best"] = best
             msg += " (best so far)"
-    return accs, msg
+    return msg
 
 
 def accs_text(accs) -> str:
@@ -596,7 +597,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 prev = state["history"][-1] if state["history"] else None
                 if prev is not None and prev["phase"] == pname and "val_acc" not in prev:
                     # the epoch before was the last one after all: validate it as such
-                    _, msg = validate_epoch(model, data, cfg, state, prev, best_path)
+                    msg = validate_epoch(model, data, cfg, state, prev, best_path)
                     log(f"phase {pname} epoch {prev['epoch']}: the budget ran out at its end"
                         + msg)
                     checkpoint()
@@ -607,7 +608,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "seconds": round(secs, 1)}
             msg = ""
             if last or (epoch + 1) % max(1, cfg["eval_every"]) == 0:
-                _, msg = validate_epoch(model, data, cfg, state, entry, best_path)
+                msg = validate_epoch(model, data, cfg, state, entry, best_path)
             state["wall"] += secs + (time.time() - t1)
             state["epoch"] = epoch + 1
             state["phase"] = p
