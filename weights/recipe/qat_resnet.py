@@ -18,7 +18,7 @@ start from the full-precision conv weights. Exits missing from the source start 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -202,6 +202,28 @@ class HybridResNet(nn.Module):
                 out.append(x)
         out.append(x)
         return out
+
+    def frozen_by_cloud_only(self) -> List[nn.Module]:
+        """What ``--cloud-only`` keeps fixed: the stem, every block up to the last early exit and
+        the exits, i.e. everything Algorithm 1's exit decisions depend on."""
+        last = max(self.exit_after)
+        return [self.stem_conv, self.stem_bn, *self.blocks[:last + 1], *self.exits]
+
+    def edge_outputs(self, pixels: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """(early-exit logits, output of the last exit's block): the part
+        :meth:`frozen_by_cloud_only` names, run on raw pixels."""
+        x = self.normalize(pixels)
+        if CHANNELS_LAST[0]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.features(x, max(self.exit_after))
+        return [self.exit_logits(k, feats[k]) for k in range(len(self.exits))], feats[-1]
+
+    def cloud_logits(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """Head logits from the output ``x`` of block ``first - 1``: blocks ``first``.. then the
+        head."""
+        for blk in self.blocks[first:]:
+            x = blk(x)
+        return self.head_logits(x)
 
     def exit_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """avg pool 3x3 stride 3 (floor), flatten (c, h, w), linear."""

@@ -59,6 +59,13 @@ validation split (``accuracy:A``: most edge exits at A %; ``exits:P``: best accu
 exits) and exports the best epoch to ``--select-out`` besides the last to ``--out``
 (:mod:`epoch_select`; the choice is recorded in the provenance as ``selected``).
 
+``--cloud-only`` (with ``--init``) trains only the layers after the last early exit, the cloud
+convs and the head, on the head's loss; the stem, the convs up to the last exit (BN in inference
+mode) and the exits keep the --init file's arrays, so every exit decision of Algorithm 1 stays
+as it was and only the samples that reach the cloud can change their prediction.
+``--cloud-focus T:W`` weighs the head loss of the samples an exit would take at entropy threshold
+T by W (:func:`focus_weights`): the cloud is trained on the mix it will see at deployment.
+
 Initialisation from an .npz (``--init``): arrays are copied by name where the layer has the same
 role in both files (:func:`qat_resnet.init_from`: edge BNs without a counterpart start as the
 identity, latent weights from the full-precision conv weights, missing exits at random).
@@ -98,7 +105,7 @@ from val_scoring import calibrate_fast, conditional, predict  # noqa: E402
 # ============================================================================ training
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[torch.Tensor],
-                 alpha: float, temp: float) -> torch.Tensor:
+                 alpha: float, temp: float, sample_w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Loss of one output (an early exit or the head).
 
     Without a teacher: eq. (4), the cross-entropy L = CE(y_hat, y). With a teacher's logits t
@@ -109,13 +116,36 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[t
     larger, which is why distilling a binary hybrid needs ``--clip-grad``.
     Every output (exits and head) learns from the same teacher logits; eq. (5) then weighs
     the outputs' losses as before.
+
+    ``sample_w`` (``--cloud-focus``): per-sample weights w_i; the batch mean becomes the weighted
+    mean sum_i w_i L_i / sum_i w_i of the per-sample losses L_i (all ones: the plain mean).
     """
+    if sample_w is not None:
+        per = F.cross_entropy(logits, labels, reduction="none")
+        if teacher is not None and alpha != 0.0:
+            lt, ls = F.log_softmax(teacher / temp, dim=1), F.log_softmax(logits / temp, dim=1)
+            kl = (lt.exp() * (lt - ls)).sum(1)
+            per = (1.0 - alpha) * per + alpha * temp * temp * kl
+        return (per * sample_w).sum() / sample_w.sum()
     ce = F.cross_entropy(logits, labels)
     if teacher is None or alpha == 0.0:
         return ce
     soft = F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher / temp, dim=1),
                     reduction="batchmean", log_target=True)
     return (1.0 - alpha) * ce + alpha * temp * temp * soft
+
+
+def focus_weights(early: List[torch.Tensor], threshold: float, easy_weight: float) -> torch.Tensor:
+    """Per-sample weights of the head loss under ``--cloud-focus T:W``: W for a sample some early
+    exit would take at threshold T (Algorithm 1: softmax entropy < T nats), 1 for the samples
+    that reach the cloud. At deployment the cloud sees only the latter; W < 1 spends the cloud's
+    capacity on them."""
+    z = torch.stack([l.detach().double() for l in early])  # [exits, N, C]
+    logp = torch.log_softmax(z, dim=2)
+    h = -(logp.exp() * logp).sum(2)  # eq. (7), nats
+    easy = (h < threshold).any(0)
+    return torch.where(easy, torch.tensor(easy_weight, dtype=torch.float64, device=z.device),
+                       torch.tensor(1.0, dtype=torch.float64, device=z.device))
 
 
 def load_teacher(path: str, n_classes: int, device) -> HybridResNet:
@@ -220,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="also export the validated epoch with the best operating point under this rule "
            "(accuracy:A or within:D: most edge exits; exits:P: best accuracy); epoch_select")
     a("--select-out", default=None, help="file for --select-by (default: <out>_best.npz)")
+    a("--cloud-only", action="store_true",
+      help="train only the layers after the last early exit (cloud convs, head) on the head "
+           "loss; the stem, the convs up to the last exit (BN in inference mode) and the exits "
+           "stay as in --init, so no exit decision changes")
+    a("--cloud-focus", default=None, metavar="T:W",
+      help="with --cloud-only: the head loss of samples an early exit would take at entropy "
+           "threshold T (nats) weighs W, the others 1 (focus_weights)")
     return ap
 
 
@@ -246,6 +283,20 @@ def resolve(args) -> dict:
             raise SystemExit("error: --select-out must differ from --out (the last epoch)")
     if sum(weights) >= 1.0:
         raise SystemExit("error: the early-exit weights must sum to < 1 (the head gets the rest)")
+    focus = None
+    if args.cloud_only and not (args.init and exits and args.strategy == "joint"):
+        raise SystemExit("error: --cloud-only trains the cloud of an existing hybrid behind its "
+                         "early exits: give --init FILE and --exits (strategy joint)")
+    if args.cloud_focus is not None:
+        if not args.cloud_only:
+            raise SystemExit("error: --cloud-focus weighs the head loss of --cloud-only")
+        try:
+            focus = [float(v) for v in args.cloud_focus.split(":")]
+        except ValueError:
+            focus = []
+        if len(focus) != 2 or not (focus[0] > 0 and focus[1] >= 0):
+            raise SystemExit(f"error: --cloud-focus: expected T:W with T > 0 (nats) and W >= 0, "
+                             f"got {args.cloud_focus!r}")
     spec = ModelSpec(depth=args.depth, edge_convs=args.edge_convs, edge_bits=args.edge_bits,
                      shortcut=args.shortcut,
                      exits=tuple(ExitSpec(a, 0.0) for a in exits))
@@ -274,6 +325,7 @@ def resolve(args) -> dict:
     if args.teacher is None:  # nothing to weigh: keeps old checkpoints resumable
         cfg.update(kd_weight=None, kd_temp=None)
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
+               cloud_focus=focus,
                select_out=(args.select_out or default_out(args.out)) if args.select_by else None,
                exit_epochs=(args.exit_epochs or max(1, args.epochs // 4)
                             if args.strategy == "separate" and exits and not args.time_budget
@@ -282,16 +334,22 @@ def resolve(args) -> dict:
 
 
 def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_epochs,
-                frozen=False, teacher=None, fwd=None):
+                frozen="", teacher=None, fwd=None):
     """One pass over the shuffled training images (fewer steps with --max-steps, or when a
     --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
     a GPU is never made to wait for the host. ``fwd`` (default ``model``) is the callable that
-    runs the training forward, e.g. ``torch.compile(model)``; ``teacher`` may be compiled too.
+    runs the training forward, e.g. ``torch.compile(model)`` (``model.edge_outputs`` when
+    ``frozen`` is "edge"); ``teacher`` may be compiled too. ``frozen``: "" trains everything, "convs" only the exits (separate, phase 2), "edge" only
+    what follows the last exit (``--cloud-only``).
     Returns (mean loss, seconds, steps done)."""
     fwd = model if fwd is None else fwd
     model.train()
-    if frozen:  # separate optimisation, phase 2: BN in inference mode, convs frozen
+    if frozen == "convs":  # separate optimisation, phase 2: BN in inference mode, convs frozen
         model.eval()
+    elif frozen == "edge":  # --cloud-only: the exit decisions' layers in inference mode
+        for m in model.frozen_by_cloud_only():
+            m.eval()
+    focus = cfg.get("cloud_focus")
     steps = data.steps_per_epoch(cfg["batch"])
     if cfg["max_steps"]:
         steps = min(steps, cfg["max_steps"])
@@ -307,7 +365,11 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
         if step >= steps or (timed and sched.done()):
             break
         xb, yb = xb.to(dev), yb.to(dev)
-        if frozen:
+        if frozen == "edge":  # fwd: the (compiled) model.edge_outputs
+            with torch.no_grad():
+                early, h = fwd(xb)
+            logits = list(early) + [model.cloud_logits(h, max(model.exit_after) + 1)]
+        elif frozen:
             with torch.no_grad():
                 x = model.normalize(xb)
                 if CHANNELS_LAST[0]:
@@ -320,8 +382,10 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher(xb)[-1]
-        losses = [distill_loss(l, yb, soft, cfg["kd_weight"], cfg["kd_temp"]) for l in logits]
-        loss = sum(w * l for w, l in zip(weights, losses) if w > 0)
+        sw = None if focus is None else focus_weights(logits[:-1], focus[0], focus[1])
+        loss = sum(w * distill_loss(l, yb, soft, cfg["kd_weight"], cfg["kd_temp"],
+                                    sw if k == len(logits) - 1 else None)
+                   for k, (w, l) in enumerate(zip(weights, logits)) if w > 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["clip_grad"]:  # global norm, computed on the device (no host sync)
@@ -346,18 +410,22 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
 
 def plan_phases(cfg: dict) -> list:
     """The training phases as (name, epochs, loss weights per output, frozen, seconds): one
-    ``joint`` (or ``plain``, without exits) phase, or ``hybrid`` then ``exits`` for the separate
-    strategy. With ``--time-budget`` the clock, not an epoch count, ends a phase."""
+    ``joint`` (or ``plain``, without exits) phase, ``cloud`` (``--cloud-only``: head loss only,
+    frozen "edge"), or ``hybrid`` then ``exits`` (frozen "convs") for the separate strategy.
+    With ``--time-budget`` the clock, not an epoch count, ends a phase."""
     n_early = len(cfg["exits"])
     budget, timed = cfg["time_budget"], cfg["time_budget"] > 0
     many = 10 ** 9
+    if cfg.get("cloud_only"):
+        return [("cloud", many if timed else cfg["epochs"], [0.0] * n_early + [1.0], "edge",
+                 budget)]
     if cfg["strategy"] == "joint" or not n_early:
         return [("joint" if n_early else "plain", many if timed else cfg["epochs"],
-                 cfg["exit_weights"] + [cfg["head_weight"]], False, budget)]
+                 cfg["exit_weights"] + [cfg["head_weight"]], "", budget)]
     frac = cfg["exit_budget_frac"]
-    return [("hybrid", many if timed else cfg["epochs"], [0.0] * n_early + [1.0], False,
+    return [("hybrid", many if timed else cfg["epochs"], [0.0] * n_early + [1.0], "",
              budget * (1 - frac)),
-            ("exits", many if timed else cfg["exit_epochs"], [1.0] * n_early + [0.0], True,
+            ("exits", many if timed else cfg["exit_epochs"], [1.0] * n_early + [0.0], "convs",
              budget * frac)]
 
 
@@ -365,7 +433,7 @@ def plan_phases(cfg: dict) -> list:
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
-               "select_by")
+               "select_by", "cloud_only", "cloud_focus")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -376,7 +444,8 @@ def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, lo
     if not os.path.exists(ck_path):
         return state, None
     resume = torch.load(ck_path, map_location="cpu", weights_only=False)
-    old = {"clip_grad": 0.0, "optimizer": "sgd", **resume["cfg"]}  # older checkpoints
+    old = {"clip_grad": 0.0, "optimizer": "sgd", "cloud_only": False,  # older checkpoints
+           **resume["cfg"]}
     diff = {k: (old.get(k), cfg[k]) for k in RESUME_KEYS if old.get(k) != cfg[k]}
     if diff:
         raise SystemExit(f"error: {ck_path} was made with another configuration {diff}; "
@@ -422,21 +491,30 @@ def build(cfg: dict, log):
     if cfg["teacher"]:
         teacher = load_teacher(cfg["teacher"], spec.num_classes, dev)
         log(f"teacher: {cfg['teacher']} (alpha {cfg['kd_weight']}, T {cfg['kd_temp']})")
-    fwd = model  # the training forward; validation and export use ``model`` itself
+    # The training forward (--cloud-only: of the frozen part); validation and export use
+    # ``model`` itself.
+    fwd = model.edge_outputs if cfg.get("cloud_only") else model
     if cfg["compile"]:  # same parameters and buffers, compiled on the first call
-        fwd = torch.compile(model)
+        fwd = torch.compile(fwd)
         teacher = None if teacher is None else torch.compile(teacher)
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
     return model, data, teacher, fwd
 
 
-def optimizer_for(model: HybridResNet, cfg: dict, frozen: bool, epochs: int, steps: int,
+def optimizer_for(model: HybridResNet, cfg: dict, frozen: str, epochs: int, steps: int,
                   seconds: float):
-    """(optimizer, schedule) of one phase: every parameter, or only the exits when the
-    rest is ``frozen`` (phase 2 of the separate strategy)."""
+    """(optimizer, schedule) of one phase: every parameter, only the exits when the convs are
+    ``frozen`` ("convs", phase 2 of the separate strategy), or only what follows the last exit
+    ("edge", ``--cloud-only``)."""
     for prm in model.parameters():
-        prm.requires_grad_(not frozen)
-    if frozen:
+        prm.requires_grad_(frozen != "convs")
+    if frozen == "edge":
+        for m in model.frozen_by_cloud_only():
+            for prm in m.parameters():
+                prm.requires_grad_(False)
+        groups = [{**g, "params": [q for q in g["params"] if q.requires_grad]}
+                  for g in param_groups(model, cfg["wd"], cfg["wd_latent"])]
+    elif frozen == "convs":
         for e in model.exits:
             for prm in e.parameters():
                 prm.requires_grad_(True)
@@ -512,6 +590,7 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "batch": cfg["batch"], "lr": cfg["lr"], "exit_weights": cfg["exit_weights"],
             "clip_grad": cfg["clip_grad"] or None, "optimizer": cfg["optimizer"],
             "seed": cfg["seed"], **init_record(cfg["init"]), **teacher_record(cfg),
+            **({"cloud_only": {"focus": cfg["cloud_focus"]}} if cfg.get("cloud_only") else {}),
             "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
