@@ -2,6 +2,7 @@
 
 * a tiny training run (depth 8, a few steps on synthetic images) exports a loadable file, for
   both strategies of section II.B, and a rerun resumes from its checkpoint;
+* ``--cloud-only`` trains what follows the last exit and keeps every exit decision;
 * ``--select-by`` exports the validated epoch with the best operating point (the score is what
   the rule leaves free), and keeps it across a resume;
 * export then load is lossless, array by array, and the quantizer forward equals xnorcdl.quant;
@@ -212,6 +213,77 @@ def test_exits_only_run_trains_the_exits_and_nothing_else(tmp_path):
     no_init = [a for a in args if a not in ("--init", first)]
     with pytest.raises(SystemExit, match="existing hybrid"):
         T.main(no_init)
+
+
+def test_cloud_only_run_keeps_every_exit_decision_and_trains_the_cloud(tmp_path):
+    """--cloud-only --init FILE: the stem, the convs up to the last exit (BN statistics too) and
+    the exit are exported exactly as in FILE, so the engine's exit logits are the same; the
+    cloud convs and the head are trained; the focus is recorded."""
+    assert T.main(_tiny_args(tmp_path)) == 0
+    first = str(tmp_path / "tiny.npz")
+    _, before = load_weights(first)
+    args = _tiny_args(tmp_path / "cloud", "--init", first, "--cloud-only", "--cloud-focus",
+                      "0.5:0.25", "--teacher", first)
+    assert T.main(args) == 0
+    out = str(tmp_path / "cloud" / "tiny.npz")
+    spec, after = load_weights(out)
+    frozen = [k for k in before if k.split(".")[0] in ("stem", "conv1", "conv2", "exit0")]
+    trained = [k for k in before if k.split(".")[0] in ("conv3", "conv4", "conv5", "conv6", "head")]
+    assert len(frozen) == 17 and len(trained) == 22 and len(frozen) + len(trained) == len(before)
+    for k in frozen:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    for k in ("conv3.weight", "conv6.bn.mean", "head.weight"):  # weights and BN statistics
+        assert not np.array_equal(before[k], after[k]), k
+    assert spec.provenance["cloud_only"] == {"focus": [0.5, 0.25]}
+    assert [h["phase"] for h in spec.provenance["history"]] == ["cloud"]
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    outs = [engine.outputs(m, x, ReferenceExecutor(m)) for m in (load_model(first), load_model(out))]
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert not np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_cloud_only_and_focus_are_refused_where_they_mean_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="--cloud-only trains the cloud of an existing hybrid"):
+        T.main(_tiny_args(tmp_path / "a", "--cloud-only"))
+    with pytest.raises(SystemExit, match="weighs the head loss of --cloud-only"):
+        T.main(_tiny_args(tmp_path / "b", "--cloud-focus", "0.5:0.2"))
+    for bad in ("0.5", "x:1", "0:1", "0.5:-1", "1:2:3"):
+        with pytest.raises(SystemExit, match="expected T:W"):
+            T.main(_tiny_args(tmp_path / "c", "--init", "x.npz", "--cloud-only",
+                              "--cloud-focus", bad))
+    cfg = T.resolve(T.build_parser().parse_args(
+        _tiny_args(tmp_path / "d", "--init", "x.npz", "--cloud-only")))
+    assert T.plan_phases(cfg) == [("cloud", 1, [0.0, 1.0], "edge", 0.0)]
+
+
+def test_weighted_distillation_loss_is_the_weighted_mean_of_per_sample_losses():
+    g = torch.Generator().manual_seed(1)
+    z, t = torch.randn(9, 10, generator=g, dtype=torch.float64), torch.randn(9, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (9,), generator=g)
+    ones = torch.ones(9, dtype=torch.float64)
+    for teacher, a in ((None, 0.9), (t, 0.0), (t, 0.7), (t, 1.0)):
+        plain = T.distill_loss(z, y, teacher, a, 3.0)
+        assert torch.allclose(T.distill_loss(z, y, teacher, a, 3.0, ones), plain, rtol=1e-12, atol=0)
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    per = torch.stack([T.distill_loss(z[i:i + 1], y[i:i + 1], t[i:i + 1], 0.7, 3.0) for i in range(9)])
+    assert torch.allclose(T.distill_loss(z, y, t, 0.7, 3.0, w), (w * per).sum() / w.sum(),
+                          rtol=1e-12, atol=0)
+    # A sample of weight 0 gets no gradient at all.
+    w[4] = 0.0
+    zs = z.clone().requires_grad_(True)
+    T.distill_loss(zs, y, t, 0.7, 3.0, w).backward()
+    assert float(zs.grad[4].abs().max()) == 0.0 and float(zs.grad.abs().sum()) > 0
+
+
+def test_focus_weights_follow_algorithm_1_entropies():
+    rng = np.random.default_rng(2)
+    early = [torch.from_numpy(rng.normal(0, s, (200, 10)).astype(np.float32)) for s in (3.0, 5.0)]
+    h = np.stack([V.entropy(l) for l in early])
+    thr = float(np.median(h))
+    w = T.focus_weights(early, thr, 0.3).numpy()
+    easy = (h < thr).any(0)
+    assert 0 < easy.sum() < 200 and easy.sum() > (h[0] < thr).sum()  # the second exit counts too
+    np.testing.assert_array_equal(w, np.where(easy, 0.3, 1.0))
 
 
 def _noisy_logits(seed, n=300, c=10):
