@@ -237,7 +237,8 @@ def test_cloud_only_run_keeps_every_exit_decision_and_trains_the_cloud(tmp_path)
     assert spec.provenance["cloud_only"] == {"focus": [0.5, 0.25]}
     assert [h["phase"] for h in spec.provenance["history"]] == ["cloud"]
     x = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
-    outs = [engine.outputs(m, x, ReferenceExecutor(m)) for m in (load_model(first), load_model(out))]
+    outs = [engine.outputs(m, x, ReferenceExecutor(m))
+            for m in (load_model(first), load_model(out))]
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     assert not np.array_equal(outs[0][1], outs[1][1])
 

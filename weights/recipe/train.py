@@ -105,7 +105,8 @@ from val_scoring import calibrate_fast, conditional, predict  # noqa: E402
 # ============================================================================ training
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[torch.Tensor],
-                 alpha: float, temp: float, sample_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 alpha: float, temp: float,
+                 sample_w: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Loss of one output (an early exit or the head).
 
     Without a teacher: eq. (4), the cross-entropy L = CE(y_hat, y). With a teacher's logits t
@@ -339,8 +340,9 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
     --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
     a GPU is never made to wait for the host. ``fwd`` (default ``model``) is the callable that
     runs the training forward, e.g. ``torch.compile(model)`` (``model.edge_outputs`` when
-    ``frozen`` is "edge"); ``teacher`` may be compiled too. ``frozen``: "" trains everything, "convs" only the exits (separate, phase 2), "edge" only
-    what follows the last exit (``--cloud-only``).
+    ``frozen`` is "edge"); ``teacher`` may be compiled too. ``frozen``: "" trains everything,
+    "convs" only the exits (separate, phase 2), "edge" only what follows the last exit
+    (``--cloud-only``).
     Returns (mean loss, seconds, steps done)."""
     fwd = model if fwd is None else fwd
     model.train()
