@@ -207,6 +207,25 @@ def test_command_table_json_and_write(files, capsys):
         np.testing.assert_array_equal(arrays[k], old_arrays[k])
 
 
+def test_calib_range_calibrates_on_those_records_only(files, capsys):
+    """--calib-range 10:25 gives the thresholds and calibration figures of a file holding only
+    records 10..24, and names the range; the evaluation set is untouched."""
+    w, cal, ev, tmp = files
+    part = write_cifar10(tmp / "part.bin", random_images(30, seed=1)[10:25],
+                         (np.arange(30) % 10)[10:25])
+    docs = []
+    for calib, extra in ((cal, ["--calib-range", "10:25"]), (part, [])):
+        code, out, err = run(["--weights", w, "--calib", calib, "--images", ev, "--rules",
+                              "within:1,exits:40", "--backend", "reference", "--json", "-",
+                              "--no-progress"] + extra, capsys)
+        assert code == 0, err
+        docs.append(json.loads(out))
+    ranged, whole = docs
+    assert ranged["calibration"]["images"].endswith("cal.bin[10:25]")
+    assert ranged["calibration"]["samples"] == 15
+    assert ranged["rules"] == whole["rules"]
+
+
 def test_command_table_columns_line_up_for_long_rules(files, capsys):
     w, cal, ev, tmp = files
     rules = "accuracy:12.345,within:1,exits:50"
@@ -225,6 +244,10 @@ def test_command_table_columns_line_up_for_long_rules(files, capsys):
     (["--rules", ","], "at least one rule"),
     (["--batch-size", "0"], "--batch-size"),
     (["--calib", "validation", "--format", "cifar100"], "cifar100"),
+    (["--calib-range", "5"], "expected A:B"),
+    (["--calib-range", "x:9"], "expected A:B"),
+    (["--calib-range", "20:10"], "0 <= A < B <= 30"),
+    (["--calib-range", "0:31"], "0 <= A < B <= 30"),
 ])
 def test_command_option_errors(files, capsys, extra, message):
     w, cal, ev, _ = files

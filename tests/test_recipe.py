@@ -363,6 +363,34 @@ def test_select_by_scores_the_init_file_it_has_to_beat(tmp_path):
     assert sel["init_point"] == {"acc": want["acc"], "edge": want["edge"]}
 
 
+def test_select_images_scores_on_the_first_images_only(tmp_path):
+    """--select-images N: the init point and every epoch's score use validation images 0..N-1;
+    the chosen file's recorded score is its operating point on those images, not on all."""
+    assert T.main(_tiny_args(tmp_path)) == 0
+    first = str(tmp_path / "tiny.npz")
+    args = _tiny_args(tmp_path / "sel", "--init", first, "--select-by", "exits:50",
+                      "--select-images", "12", "--eval-every", "1")
+    args[args.index("--epochs") + 1] = "2"
+    assert T.main(args) == 0
+    prov = load_weights(str(tmp_path / "sel" / "tiny_best.npz"))[0].provenance
+    sel = prov["selected"]
+    assert sel["val_images"] == 12
+    data = B.Data(B.VAL_SIZE, 64, 32, synthetic=True, seed=3)
+    y = data.y_val.numpy()
+    for path, got in ((first, sel["init_point"]),
+                      (str(tmp_path / "sel" / "tiny_best.npz"),
+                       {"acc": sel["val_acc"], "edge": sel["val_edge"]})):
+        val = [l.numpy() for l in V.predict(Q.model_from_file(path), data.x_val)]
+        want = ES.operating_point([l[:12] for l in val], y[:12], "exits:50")
+        assert got == {"acc": want["acc"], "edge": want["edge"]}, path
+        full = ES.operating_point(val, y, "exits:50")
+        assert (full["acc"], full["edge"]) != (want["acc"], want["edge"])  # the subset matters
+    with pytest.raises(SystemExit, match="give --select-by"):
+        T.main(_tiny_args(tmp_path / "a", "--select-images", "12"))
+    with pytest.raises(SystemExit, match="leave some for the comparison"):
+        T.main(_tiny_args(tmp_path / "b", "--select-by", "exits:50", "--select-images", "32"))
+
+
 def test_select_by_keeps_an_early_epoch_and_survives_a_resume(tmp_path, monkeypatch):
     """Scores falling epoch by epoch: epoch 1 is exported (its weights differ from the last
     epoch's), and a rerun of the finished command exports the same file again."""

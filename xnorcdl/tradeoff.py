@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--images", default="test_batch.bin", help="labelled evaluation records")
     a("--calib", default=VALIDATION,
       help="labelled calibration records; 'validation': CIFAR-10 training images 45000..49999")
+    a("--calib-range", default=None, metavar="A:B",
+      help="calibrate on records A..B-1 of the calibration set only (A or B may be left out), "
+           "e.g. 2500: with 'validation' for training images 47500..49999, the half that a "
+           "recipe run's --select-images 2500 did not look at")
     a("--format", default="cifar10", choices=["cifar10", "cifar100"],
       help="record format of --images and --calib")
     a("--rules", default=DEFAULT_RULES,
@@ -74,19 +78,42 @@ def _labelled(path: str, fmt: str, limit: Optional[int], classes: int, what: str
     return images, labels
 
 
+def parse_range(text: str, n: int) -> slice:
+    """``A:B`` (either side may be empty) -> slice(A, B), checked 0 <= A < B <= n."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a = int(parts[0]) if parts[0].strip() else 0
+        b = int(parts[1]) if parts[1].strip() else n
+    except ValueError:
+        raise UsageError(f"--calib-range: expected A:B (record indices), got {text!r}") from None
+    if not 0 <= a < b <= n:
+        raise UsageError(f"--calib-range {text}: expected 0 <= A < B <= {n} (the calibration "
+                         f"set holds {n} records)")
+    return slice(a, b)
+
+
 def _calib_set(args, classes: int):
+    """(name, images, labels) of the calibration set: --calib, then --calib-range of it."""
     if args.calib != VALIDATION:
         path = resolve_images(args.calib, args.fetch)
-        return (path,) + _labelled(path, args.format, None, classes, "--calib")
-    if args.format != "cifar10":
-        raise UsageError("--calib validation is the CIFAR-10 split; give --calib FILE for "
-                         f"--format {args.format}")
-    path = resolve_images(VAL_FILE, args.fetch)
-    images, labels = _labelled(path, "cifar10", None, classes, "--calib")
-    if len(images) != 2 * VAL_START:
-        raise UsageError(f"--calib validation: {path} holds {len(images)} records, expected "
-                         f"{2 * VAL_START}")
-    return f"{path}[{VAL_START}:]", images[VAL_START:], labels[VAL_START:]
+        images, labels = _labelled(path, args.format, None, classes, "--calib")
+        offset = 0
+    else:
+        if args.format != "cifar10":
+            raise UsageError("--calib validation is the CIFAR-10 split; give --calib FILE for "
+                             f"--format {args.format}")
+        path = resolve_images(VAL_FILE, args.fetch)
+        images, labels = _labelled(path, "cifar10", None, classes, "--calib")
+        if len(images) != 2 * VAL_START:
+            raise UsageError(f"--calib validation: {path} holds {len(images)} records, expected "
+                             f"{2 * VAL_START}")
+        images, labels, offset = images[VAL_START:], labels[VAL_START:], VAL_START
+    if args.calib_range is None:
+        return (f"{path}[{offset}:]" if offset else path), images, labels
+    sl = parse_range(args.calib_range, len(images))
+    return f"{path}[{offset + sl.start}:{offset + sl.stop}]", images[sl], labels[sl]
 
 
 def _row(rule: str, thr: List[float], model, table, sets) -> dict:

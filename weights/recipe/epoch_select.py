@@ -20,7 +20,9 @@ a candidate (it is already a file).
 
 The selection reads the validation split, which also calibrates the thresholds: the chosen
 file's validation figures are optimistic by the choice (the maximum of several draws), and only
-the test split measures it.
+the test split measures it. ``--select-images N`` scores on the first N validation images only;
+the others then measure the chosen file (and any bar it is compared with) without that
+optimism: ``python -m xnorcdl.tradeoff --calib-range N:``.
 """
 from __future__ import annotations
 

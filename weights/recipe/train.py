@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="also export the validated epoch with the best operating point under this rule "
            "(accuracy:A or within:D: most edge exits; exits:P: best accuracy); epoch_select")
     a("--select-out", default=None, help="file for --select-by (default: <out>_best.npz)")
+    a("--select-images", type=int, default=None, metavar="N",
+      help="score the epochs for --select-by on the first N validation images only, so the "
+           "rest can compare and calibrate the chosen file without the choice's optimism "
+           "(python -m xnorcdl.tradeoff --calib-range N:)")
     a("--cloud-only", action="store_true",
       help="train only the layers after the last early exit (cloud convs, head) on the head "
            "loss; the stem, the convs up to the last exit (BN in inference mode) and the exits "
@@ -280,10 +284,15 @@ def resolve(args) -> dict:
         if not exits:
             raise SystemExit("error: --select-by scores the early exits' operating point: "
                              "give --exits")
+        if args.select_images is not None and args.select_images < 1:
+            raise SystemExit("error: --select-images must be a positive number of images")
         if args.select_out and os.path.abspath(args.select_out) == os.path.abspath(args.out):
             raise SystemExit("error: --select-out must differ from --out (the last epoch)")
     if sum(weights) >= 1.0:
         raise SystemExit("error: the early-exit weights must sum to < 1 (the head gets the rest)")
+    if args.select_images is not None and args.select_by is None:
+        raise SystemExit("error: --select-images limits the images --select-by scores: give "
+                         "--select-by")
     focus = None
     if args.cloud_only and not (args.init and exits and args.strategy == "joint"):
         raise SystemExit("error: --cloud-only trains the cloud of an existing hybrid behind its "
@@ -435,7 +444,7 @@ def plan_phases(cfg: dict) -> list:
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
-               "select_by", "cloud_only", "cloud_focus")
+               "select_by", "cloud_only", "cloud_focus", "select_images")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -545,7 +554,8 @@ def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: 
     entry["val_acc"] = accs
     msg = f", val acc per exit/head {accs_text(accs)}"
     if cfg["select_by"]:
-        point = operating_point([l.numpy() for l in val], yv, cfg["select_by"])
+        n = cfg["select_images"] or len(yv)
+        point = operating_point([l[:n].numpy() for l in val], yv[:n], cfg["select_by"])
         entry["select"] = {k: point[k] for k in ("acc", "edge")}
         msg += f"; {cfg['select_by']}: {point['acc']:.2f} % with {point['edge']:.2f} % exits"
         if better(point, state.get("best")):
@@ -600,6 +610,7 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             **({"selected": {"by": selected["rule"], "phase": selected["phase"],
                              "epoch": selected["epoch"], "val_acc": selected["acc"],
                              "val_edge": selected["edge"],
+                             "val_images": cfg["select_images"] or len(yv),
                              "init_point": state.get("init_point")}} if selected else {}),
             "schedule_changes": state.get("schedule_changes", [])}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
@@ -629,9 +640,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ck_path = os.path.join(cfg["ckpt_dir"], "last.pt")
     best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
+    n_sel = cfg["select_images"] or len(data.y_val)
+    if cfg["select_by"] and n_sel >= len(data.y_val) and cfg["select_images"]:
+        raise SystemExit(f"error: --select-images {n_sel}: the validation split holds "
+                         f"{len(data.y_val)} images; leave some for the comparison")
     if cfg["select_by"] and cfg["init"] and resume is None:  # the point training must beat
-        val = predict(model, data.x_val, device=dev)
-        start = operating_point([l.numpy() for l in val], data.y_val.numpy(), cfg["select_by"])
+        val = predict(model, data.x_val[:n_sel], device=dev)
+        start = operating_point([l.numpy() for l in val], data.y_val[:n_sel].numpy(),
+                                cfg["select_by"])
         state["init_point"] = {k: start[k] for k in ("acc", "edge")}
         log(f"--init {cfg['init']}: {cfg['select_by']}: {start['acc']:.2f} % with "
             f"{start['edge']:.2f} % exits on validation")
