@@ -99,7 +99,7 @@ from epoch_select import better, default_out, operating_point  # noqa: E402
 from lr_schedule import TimeSched, make_sched  # noqa: E402
 from qat_resnet import CHANNELS_LAST, HybridResNet, QuanConv, export, init_from, model_from_file  # noqa: E402
 from run_records import Logger, atomic_save, init_record, machine, teacher_record  # noqa: E402
-from val_scoring import calibrate_fast, conditional, predict  # noqa: E402
+from val_scoring import calibrate_fast, conditional, entropy_tensor, predict  # noqa: E402
 
 
 # ============================================================================ training
@@ -121,19 +121,13 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: Optional[t
     ``sample_w`` (``--cloud-focus``): per-sample weights w_i; the batch mean becomes the weighted
     mean sum_i w_i L_i / sum_i w_i of the per-sample losses L_i (all ones: the plain mean).
     """
-    if sample_w is not None:
-        per = F.cross_entropy(logits, labels, reduction="none")
-        if teacher is not None and alpha != 0.0:
-            lt, ls = F.log_softmax(teacher / temp, dim=1), F.log_softmax(logits / temp, dim=1)
-            kl = (lt.exp() * (lt - ls)).sum(1)
-            per = (1.0 - alpha) * per + alpha * temp * temp * kl
-        return (per * sample_w).sum() / sample_w.sum()
-    ce = F.cross_entropy(logits, labels)
-    if teacher is None or alpha == 0.0:
-        return ce
-    soft = F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher / temp, dim=1),
-                    reduction="batchmean", log_target=True)
-    return (1.0 - alpha) * ce + alpha * temp * temp * soft
+    weighted = sample_w is not None
+    loss = F.cross_entropy(logits, labels, reduction="none" if weighted else "mean")
+    if teacher is not None and alpha != 0.0:
+        soft = F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher / temp, dim=1),
+                        reduction="none" if weighted else "batchmean", log_target=True)
+        loss = (1.0 - alpha) * loss + alpha * temp * temp * (soft.sum(1) if weighted else soft)
+    return (loss * sample_w).sum() / sample_w.sum() if weighted else loss
 
 
 def focus_weights(early: List[torch.Tensor], threshold: float, easy_weight: float) -> torch.Tensor:
@@ -141,12 +135,9 @@ def focus_weights(early: List[torch.Tensor], threshold: float, easy_weight: floa
     exit would take at threshold T (Algorithm 1: softmax entropy < T nats), 1 for the samples
     that reach the cloud. At deployment the cloud sees only the latter; W < 1 spends the cloud's
     capacity on them."""
-    z = torch.stack([l.detach().double() for l in early])  # [exits, N, C]
-    logp = torch.log_softmax(z, dim=2)
-    h = -(logp.exp() * logp).sum(2)  # eq. (7), nats
-    easy = (h < threshold).any(0)
-    return torch.where(easy, torch.tensor(easy_weight, dtype=torch.float64, device=z.device),
-                       torch.tensor(1.0, dtype=torch.float64, device=z.device))
+    easy = torch.stack([entropy_tensor(l.detach()) < threshold for l in early]).any(0)
+    one = torch.ones(easy.shape, dtype=torch.float64, device=easy.device)
+    return torch.where(easy, one * easy_weight, one)
 
 
 def load_teacher(path: str, n_classes: int, device) -> HybridResNet:
@@ -641,7 +632,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
     n_sel = cfg["select_images"] or len(data.y_val)
-    if cfg["select_by"] and n_sel >= len(data.y_val) and cfg["select_images"]:
+    if cfg["select_images"] and n_sel >= len(data.y_val):
         raise SystemExit(f"error: --select-images {n_sel}: the validation split holds "
                          f"{len(data.y_val)} images; leave some for the comparison")
     if cfg["select_by"] and cfg["init"] and resume is None:  # the point training must beat

@@ -14,14 +14,20 @@ import torch
 from xnorcdl import calibrate as xcal
 
 
-def entropy(logits: torch.Tensor) -> np.ndarray:
-    """Softmax entropy in nats, float64, as xnorcdl.engine.entropy."""
+def entropy_tensor(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax entropy in nats (eq. 7), float64, on the logits' device, as
+    xnorcdl.engine.entropy."""
     z = logits.double()
     z = z - z.max(dim=1, keepdim=True).values
     e = z.exp()
     s = e.sum(1)
     p = e / s[:, None]
-    return torch.clamp(s.log() - (p * z).sum(1), min=0.0).numpy()
+    return torch.clamp(s.log() - (p * z).sum(1), min=0.0)
+
+
+def entropy(logits: torch.Tensor) -> np.ndarray:
+    """:func:`entropy_tensor` as a NumPy array."""
+    return entropy_tensor(logits).cpu().numpy()
 
 
 @torch.no_grad()
