@@ -257,6 +257,84 @@ def test_cloud_only_and_focus_are_refused_where_they_mean_nothing(tmp_path):
     assert T.plan_phases(cfg) == [("cloud", 1, [0.0, 1.0], "edge", 0.0)]
 
 
+import feature_hint as FH  # noqa: E402
+
+
+def test_hint_adapter_fit_recovers_a_linear_map_and_is_least_squares():
+    """fit_least_squares on t = A s + c (1x1, any pooling commutes with it) recovers A, c and
+    leaves no hint loss; on a non-linear target it leaves the smallest loss: any change of the
+    fitted adapter raises it."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(12, 6, 16, 16, generator=g)
+    a, c = torch.randn(5, 6, generator=g), torch.randn(5, generator=g)
+    t = torch.einsum("oc,nchw->nohw", a, s) + c[None, :, None, None]
+    hints = FH.Hints([6], [5])
+    err = FH.fit_least_squares(hints, [s], [t])
+    assert err[0] < 1e-12
+    torch.testing.assert_close(hints.adapters[0].weight[:, :, 0, 0], a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hints.adapters[0].bias, c, rtol=1e-5, atol=1e-5)
+    assert float(hints.loss([s], [t])) < 1e-10
+    t = torch.relu(t) ** 2  # no adapter maps s onto this exactly
+    err = FH.fit_least_squares(hints, [s], [t])
+    best = float(hints.loss([s], [t]))
+    assert best > 1e-3 and abs(best - err[0]) < 1e-5 * best
+    with torch.no_grad():
+        for prm in (hints.adapters[0].weight, hints.adapters[0].bias):
+            prm.view(-1)[0] += 1e-2
+            assert float(hints.loss([s], [t])) > best
+            prm.view(-1)[0] -= 1e-2
+
+
+def test_forward_tapped_returns_the_forward_logits_and_the_block_outputs():
+    spec = ModelSpec(depth=8, edge_convs=2, edge_bits=1, exits=(ExitSpec(2, 0.0),))
+    model = _random_model(spec)[0].eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, taps = model.forward_tapped(x, (0, 2))
+        plain = model(x)
+        feats = model.features(model.normalize(x))
+    assert len(logits) == len(plain) == 2 and len(taps) == 2
+    for a, b in zip(logits, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(taps[0], feats[0], rtol=0, atol=0)  # the exit's block (0)
+    assert taps[1].shape == (4, 64, 8, 8)
+
+
+def test_hint_run_trains_the_features_and_exports_only_the_model(tmp_path):
+    """--hint W: the adapters are fitted and trained but not exported (same arrays as a plain
+    distillation run), the weights differ from that run's, and the run records the hint."""
+    assert T.main(_tiny_args(tmp_path / "teacher", "--edge-convs", "0", "--exits", "", "--exit-weights", "")) == 0
+    teacher = str(tmp_path / "teacher" / "tiny.npz")
+    assert T.main(_tiny_args(tmp_path / "kd", "--teacher", teacher)) == 0
+    assert T.main(_tiny_args(tmp_path / "hint", "--teacher", teacher, "--hint", "2")) == 0
+    _, kd = load_weights(str(tmp_path / "kd" / "tiny.npz"))
+    spec, hinted = load_weights(str(tmp_path / "hint" / "tiny.npz"))
+    assert set(kd) == set(hinted)
+    assert not np.array_equal(kd["conv1.weight"], hinted["conv1.weight"])
+    assert spec.provenance["hint"] == {"weight": 2.0, "blocks": [0], "fit_images": 2048}
+    load_model(str(tmp_path / "hint" / "tiny.npz"))
+    log = open(tmp_path / "hint" / "ckpt" / "train.log").read()
+    assert "--hint: adapters fitted on 64 training images" in log and " hint " in log
+    with pytest.raises(SystemExit, match="another configuration"):  # a resume keeps the hint
+        T.main(_tiny_args(tmp_path / "hint", "--teacher", teacher, "--hint", "1"))
+
+
+def test_hint_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="--hint compares the early exits' features"):
+        T.main(_tiny_args(tmp_path / "a", "--hint", "1"))
+    with pytest.raises(SystemExit, match="--hint compares the early exits' features"):
+        T.main(_tiny_args(tmp_path / "b", "--hint", "1", "--teacher", "t.npz", "--init",
+                          "x.npz", "--cloud-only"))
+    with pytest.raises(SystemExit, match="--hint must be >= 0"):
+        T.main(_tiny_args(tmp_path / "c", "--hint", "-1", "--teacher", "t.npz"))
+    assert T.main(_tiny_args(tmp_path / "t8", "--edge-convs", "0", "--exits", "",
+                             "--exit-weights", "")) == 0
+    with pytest.raises(SystemExit, match="the teacher has no block 2 with the student's"):
+        # depth 14: block 2 is 32x16x16; in the depth-8 teacher it is 64x8x8
+        T.main(_tiny_args(tmp_path / "d", "--depth", "14", "--edge-convs", "6", "--exits", "6", "--hint", "1",
+                          "--teacher", str(tmp_path / "t8" / "tiny.npz")))
+
+
 def test_weighted_distillation_loss_is_the_weighted_mean_of_per_sample_losses():
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(9, 10, generator=g, dtype=torch.float64), torch.randn(9, 10, generator=g, dtype=torch.float64)

@@ -233,6 +233,22 @@ class HybridResNet(nn.Module):
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x.mean(dim=(2, 3)))
 
+    def forward_tapped(self, pixels: torch.Tensor, taps: Sequence[int]
+                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(the logits of :meth:`forward`, the outputs of blocks ``taps`` in that order): what
+        ``--hint`` compares between student and teacher."""
+        x = self.normalize(pixels)
+        if CHANNELS_LAST[0]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu(self.stem_bn(self.stem_conv(x)))
+        kept = {}
+        for b, blk in enumerate(self.blocks):
+            x = blk(x)
+            if b in taps or b in self.exit_after:
+                kept[b] = x
+        logits = [self.exit_logits(k, kept[b]) for k, b in enumerate(self.exit_after)]
+        return logits + [self.head_logits(x)], [kept[b] for b in taps]
+
     def forward(self, pixels: torch.Tensor, with_head: bool = True) -> List[torch.Tensor]:
         x = self.normalize(pixels)
         if not x.is_contiguous(memory_format=torch.channels_last) and CHANNELS_LAST[0]:

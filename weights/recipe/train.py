@@ -97,6 +97,7 @@ from xnorcdl.spec import ExitSpec, ModelSpec  # noqa: E402
 from cifar_batches import VAL_SIZE, Data  # noqa: E402
 from epoch_select import better, default_out, operating_point  # noqa: E402
 from lr_schedule import TimeSched, make_sched  # noqa: E402
+from feature_hint import Hints, fit_least_squares  # noqa: E402
 from qat_resnet import CHANNELS_LAST, HybridResNet, QuanConv, export, init_from, model_from_file  # noqa: E402
 from run_records import Logger, atomic_save, init_record, machine, teacher_record  # noqa: E402
 from val_scoring import calibrate_fast, conditional, entropy_tensor, predict  # noqa: E402
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="weights file whose head logits every output also learns from (distillation)")
     a("--kd-weight", type=float, default=0.9, help="alpha: weight of the teacher term (--teacher)")
     a("--kd-temp", type=float, default=4.0, help="T: softmax temperature of the teacher term")
+    a("--hint", type=float, default=0.0, metavar="W",
+      help="weight of the feature hint (feature_hint): the pooled block output each early "
+           "exit reads learns the teacher's (through a training-only 1x1 adapter); needs "
+           "--teacher, joint")
+    a("--hint-images", type=int, default=2048,
+      help="--hint: training images (unaugmented) the adapters are first fitted on")
     a("--out", required=True, help="weights file to write")
     a("--ckpt-dir", default=None, help="checkpoints and log (default: cache runs/<out name>)")
     a("--val-size", type=int, default=VAL_SIZE, help="last images of the train split held out")
@@ -318,6 +325,14 @@ def resolve(args) -> dict:
                          "(or, separate, --epochs 0 --exit-epochs N with --init)")
     if args.teacher is not None and not (0.0 <= args.kd_weight <= 1.0 and args.kd_temp > 0):
         raise SystemExit("error: --kd-weight must lie in [0, 1] and --kd-temp be > 0")
+    if args.hint < 0 or args.hint_images < 1:
+        raise SystemExit("error: --hint must be >= 0 and --hint-images >= 1")
+    if args.hint and not (args.teacher and exits and args.strategy == "joint"
+                          and not args.cloud_only):
+        raise SystemExit("error: --hint compares the early exits' features with a teacher's: "
+                         "give --teacher and --exits (strategy joint, not --cloud-only)")
+    if args.hint and args.cuda_graphs:
+        raise SystemExit("error: --hint is not captured by --cuda-graphs; use --compile 1")
     if args.compile and args.cuda_graphs:
         raise SystemExit("error: --compile 1 and --cuda-graphs 1 are alternatives; give one")
     if not 0.0 < args.exit_budget_frac < 1.0:
@@ -360,6 +375,8 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
     dev = cfg["device"]
     tot_loss = torch.zeros((), dtype=torch.float64, device=dev)
     tot_correct = torch.zeros(len(weights), dtype=torch.int64, device=dev)
+    tot_hint = torch.zeros((), dtype=torch.float64, device=dev)
+    hinted = bool(cfg.get("hint")) and not frozen
     seen = done = 0
     of = "?" if timed else str(total_epochs)
     trained = [q for g in opt.param_groups for q in g["params"] if q.requires_grad]
@@ -378,16 +395,23 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats = model.features(x, max(model.exit_after))
             logits = [model.exit_logits(k, feats[k]) for k in range(len(model.exits))]
+        elif hinted:  # fwd, teacher: forward_tapped (logits, outputs of the exits' blocks)
+            logits, s_feats = fwd(xb)
         else:
             logits = fwd(xb) if weights[-1] > 0 else fwd(xb, with_head=False)
         soft = None
         if teacher is not None:
             with torch.no_grad():
-                soft = teacher(xb)[-1]
+                t_out = teacher(xb)
+            soft, t_feats = (t_out[0][-1], t_out[1]) if hinted else (t_out[-1], None)
         sw = None if focus is None else focus_weights(logits[:-1], focus[0], focus[1])
         loss = sum(w * distill_loss(l, yb, soft, cfg["kd_weight"], cfg["kd_temp"],
                                     sw if k == len(logits) - 1 else None)
                    for k, (w, l) in enumerate(zip(weights, logits)) if w > 0)
+        if hinted:
+            hint = model.hints.loss(s_feats, t_feats)
+            loss = loss + cfg["hint"] * hint
+            tot_hint += hint.detach().double() * len(yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["clip_grad"]:  # global norm, computed on the device (no host sync)
@@ -405,7 +429,8 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
             acc = (tot_correct.double() / seen * 100).tolist()
             log(f"epoch {epoch + 1}/{of} step {step + 1}/{steps} loss {float(tot_loss) / seen:.4f} "
                 f"train acc {' '.join(f'{a:.1f}' for a in acc)} "
-                f"lr {sched.get_last_lr()[0]:.3g} {el / (step + 1):.3f}s/step "
+                + (f"hint {float(tot_hint) / seen:.4f} " if hinted else "")
+                + f"lr {sched.get_last_lr()[0]:.3g} {el / (step + 1):.3f}s/step "
                 f"epoch eta {el / (step + 1) * (steps - step - 1):.0f}s")
     return float(tot_loss) / max(1, seen), time.time() - t0, done
 
@@ -435,7 +460,7 @@ def plan_phases(cfg: dict) -> list:
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
-               "select_by", "cloud_only", "cloud_focus", "select_images")
+               "select_by", "cloud_only", "cloud_focus", "select_images", "hint", "hint_images")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -447,7 +472,7 @@ def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, lo
         return state, None
     resume = torch.load(ck_path, map_location="cpu", weights_only=False)
     old = {"clip_grad": 0.0, "optimizer": "sgd", "cloud_only": False,  # older checkpoints
-           **resume["cfg"]}
+           "hint": 0.0, "hint_images": 2048, **resume["cfg"]}
     diff = {k: (old.get(k), cfg[k]) for k in RESUME_KEYS if old.get(k) != cfg[k]}
     if diff:
         raise SystemExit(f"error: {ck_path} was made with another configuration {diff}; "
@@ -493,14 +518,52 @@ def build(cfg: dict, log):
     if cfg["teacher"]:
         teacher = load_teacher(cfg["teacher"], spec.num_classes, dev)
         log(f"teacher: {cfg['teacher']} (alpha {cfg['kd_weight']}, T {cfg['kd_temp']})")
-    # The training forward (--cloud-only: of the frozen part); validation and export use
-    # ``model`` itself.
+    # The training forward (--cloud-only: of the frozen part; --hint: with the exits' block
+    # outputs, and the teacher's); validation and export use ``model`` itself.
     fwd = model.edge_outputs if cfg.get("cloud_only") else model
+    if cfg["hint"]:
+        taps = tuple(model.exit_after)
+        attach_hints(model, teacher, data.x_train[:cfg["hint_images"]], cfg["batch"], log)
+        student, frozen_teacher = model, teacher
+
+        def fwd(pixels):
+            return student.forward_tapped(pixels, taps)
+
+        def teacher(pixels):
+            return frozen_teacher.forward_tapped(pixels, taps)
     if cfg["compile"]:  # same parameters and buffers, compiled on the first call
         fwd = torch.compile(fwd)
         teacher = None if teacher is None else torch.compile(teacher)
     log(f"data: {data.source}; {len(data.x_train)} train, {len(data.x_val)} validation images")
     return model, data, teacher, fwd
+
+
+def attach_hints(model: HybridResNet, teacher: HybridResNet, images: torch.Tensor, batch: int,
+                 log) -> None:
+    """``--hint``: give ``model`` its training-only adapters (``model.hints``, not exported),
+    fitted by least squares on ``images`` (both networks in inference mode)."""
+    spec, tspec = model.spec, teacher.spec
+    for b in model.exit_after:
+        if b >= tspec.num_blocks or (tspec.block_output_shape(b)[1:]
+                                     != spec.block_output_shape(b)[1:]):
+            raise SystemExit(f"error: --hint: the teacher has no block {b} with the student's "
+                             f"{spec.block_output_shape(b)} output (depth {tspec.depth} vs "
+                             f"{spec.depth})")
+    model.hints = Hints([spec.block_output_shape(b)[0] for b in model.exit_after],
+                        [tspec.block_output_shape(b)[0] for b in model.exit_after])
+    model.hints.to(images.device)
+    was = model.training
+    model.eval()
+    s_parts, t_parts = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            s_parts.append(model.forward_tapped(images[i:i + batch], model.exit_after)[1])
+            t_parts.append(teacher.forward_tapped(images[i:i + batch], model.exit_after)[1])
+    model.train(was)
+    cat = lambda parts: [torch.cat(p) for p in zip(*parts)]  # noqa: E731
+    errors = fit_least_squares(model.hints, cat(s_parts), cat(t_parts))
+    log(f"--hint: adapters fitted on {len(images)} training images, relative error left "
+        + " ".join(f"{e:.4f}" for e in errors))
 
 
 def optimizer_for(model: HybridResNet, cfg: dict, frozen: str, epochs: int, steps: int,
@@ -594,6 +657,8 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "clip_grad": cfg["clip_grad"] or None, "optimizer": cfg["optimizer"],
             "seed": cfg["seed"], **init_record(cfg["init"]), **teacher_record(cfg),
             **({"cloud_only": {"focus": cfg["cloud_focus"]}} if cfg.get("cloud_only") else {}),
+            **({"hint": {"weight": cfg["hint"], "blocks": list(model.exit_after),
+                         "fit_images": cfg["hint_images"]}} if cfg.get("hint") else {}),
             "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
