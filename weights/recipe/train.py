@@ -66,6 +66,11 @@ as it was and only the samples that reach the cloud can change their prediction.
 ``--cloud-focus T:W`` weighs the head loss of the samples an exit would take at entropy threshold
 T by W (:func:`focus_weights`): the cloud is trained on the mix it will see at deployment.
 
+``--hint W`` (with ``--teacher``, joint) adds W times a feature hint to eq. (5): the pooled
+block output each early exit reads learns the teacher's pooled output of the same block through
+a training-only 1x1 adapter (:mod:`feature_hint`, FitNets on the exit's input; the adapter is
+fitted by least squares first and never exported).
+
 Initialisation from an .npz (``--init``): arrays are copied by name where the layer has the same
 role in both files (:func:`qat_resnet.init_from`: edge BNs without a counterpart start as the
 identity, latent weights from the full-precision conv weights, missing exits at random).
