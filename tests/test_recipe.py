@@ -335,6 +335,41 @@ def test_hint_is_refused_where_it_means_nothing(tmp_path):
                           "--teacher", str(tmp_path / "t8" / "tiny.npz")))
 
 
+def _load_bn_restat():
+    spec = importlib.util.spec_from_file_location(
+        "xnorcdl_recipe_bn_restat", os.path.join(WEIGHTS, "recipe", "bn_restat.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bn_restat_changes_only_the_running_statistics_to_their_cumulative_average(tmp_path):
+    """bn_restat.py: only BN means and variances change; the stem BN's new mean is the mean of
+    the stem conv's output over every pixel of the images (equal batches), its variance the
+    mean of the per-batch unbiased variances; the provenance records the source."""
+    assert T.main(_tiny_args(tmp_path)) == 0
+    src, out = str(tmp_path / "tiny.npz"), str(tmp_path / "bn.npz")
+    R = _load_bn_restat()
+    assert R.main(["--weights", src, "--out", out, "--images", "40", "--batch", "20",
+                   "--synthetic", "--threads", "1"]) == 0
+    (spec0, before), (spec1, after) = load_weights(src), load_weights(out)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(k.endswith((".bn.mean", ".bn.var")) for k in changed)
+    assert "stem.bn.mean" in changed and "conv1.bn.mean" in changed
+    x = B.Data(B.VAL_SIZE, 40, None, synthetic=True).x_train[:40]
+    model = Q.model_from_file(src)
+    with torch.no_grad():
+        y = model.stem_conv(model.normalize(x)).double()
+    np.testing.assert_allclose(after["stem.bn.mean"], y.mean(dim=(0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    per_batch = [y[i:i + 20].transpose(0, 1).reshape(y.shape[1], -1).var(dim=1) for i in (0, 20)]
+    np.testing.assert_allclose(after["stem.bn.var"], (sum(per_batch) / 2).numpy(), rtol=1e-4)
+    rec = spec1.provenance["bn_restat"]
+    assert rec["source"] == src and rec["images"] == 40 and rec["batch_norms"] == 7
+    assert [e.threshold for e in spec1.exits] == [e.threshold for e in spec0.exits]
+    with pytest.raises(SystemExit, match="--out must differ"):
+        R.main(["--weights", src, "--out", src, "--synthetic"])
+
+
 def test_weighted_distillation_loss_is_the_weighted_mean_of_per_sample_losses():
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(9, 10, generator=g, dtype=torch.float64), torch.randn(9, 10, generator=g, dtype=torch.float64)

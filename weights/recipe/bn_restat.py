@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Re-estimate the batch-norm statistics of a weights file over training images.
+
+    python weights/recipe/bn_restat.py --weights IN.npz --out OUT.npz [--images 45000]
+
+Training leaves each BN's running mean and variance as an exponential average over the last
+(augmented) batches. Here they are recomputed as the cumulative average over the first
+``--images`` unaugmented CIFAR-10 training images (never the validation split: images
+45000..49999 are not read): one no-grad pass with the model in train mode and every BN's
+``momentum`` set to None, so each BN normalises with batch statistics and accumulates
+mean_hat = (1/B) sum_b mu_b, var_hat = (1/B) sum_b var_b (the unbiased batch variance), as
+PyTorch's ``update_bn``. Every other array is copied unchanged; the exit thresholds are kept
+(recalibrate with ``python -m xnorcdl.tradeoff --write``); the provenance records the source
+file and its sha256 under ``bn_restat``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipe's own modules
+
+from xnorcdl.format import load_weights, save_weights  # noqa: E402
+
+from cifar_batches import VAL_SIZE, Data  # noqa: E402
+from qat_resnet import export_arrays, model_from_file  # noqa: E402
+from run_records import sha256_of  # noqa: E402
+
+
+@torch.no_grad()
+def restat(model: nn.Module, images: torch.Tensor, batch: int) -> int:
+    """Recompute every BN's running statistics of ``model`` over ``images`` (uint8 [N,3,32,32])
+    as cumulative averages of the batch statistics; returns the number of BNs."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for s in range(0, len(images), batch):
+        model(images[s:s + batch])
+    model.eval()
+    return len(bns)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", required=True, help="weights file (.npz)")
+    ap.add_argument("--out", required=True, help="weights file to write")
+    ap.add_argument("--images", type=int, default=50000 - VAL_SIZE,
+                    help="first N training images (at most the 45000 before the validation split)")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--synthetic", action="store_true", help="random images (tests)")
+    args = ap.parse_args(argv)
+    if not 0 < args.images <= 50000 - VAL_SIZE or args.batch < 2:
+        raise SystemExit(f"error: --images must lie in 1..{50000 - VAL_SIZE} and --batch be >= 2")
+    if os.path.abspath(args.out) == os.path.abspath(args.weights):
+        raise SystemExit("error: --out must differ from --weights")
+    torch.set_num_threads(args.threads)
+    spec, arrays = load_weights(args.weights)
+    model = model_from_file(args.weights)
+    data = Data(VAL_SIZE, args.images, None, synthetic=args.synthetic)
+    n_bn = restat(model, data.x_train[:args.images], args.batch)
+    new = export_arrays(model)
+    changed = sorted(k for k in new if not np.array_equal(new[k], arrays[k]))
+    assert all(k.endswith((".bn.mean", ".bn.var")) for k in changed), changed
+    prov = dict(spec.provenance or {})
+    prov["bn_restat"] = {"source": args.weights, "source_sha256": sha256_of(args.weights),
+                         "images": len(data.x_train), "batch": args.batch,
+                         "data": data.source, "batch_norms": n_bn}
+    save_weights(args.out, dataclasses.replace(spec, provenance=prov), new)
+    print(f"{args.out}: running statistics of {n_bn} batch norms re-estimated over "
+          f"{len(data.x_train)} training images ({len(changed)} arrays changed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
