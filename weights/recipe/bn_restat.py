@@ -2,6 +2,7 @@
 """Re-estimate the batch-norm statistics of a weights file over training images.
 
     python weights/recipe/bn_restat.py --weights IN.npz --out OUT.npz [--images 45000]
+        [--augment EPOCHS --seed S]
 
 Training leaves each BN's running mean and variance as an exponential average over the last
 (augmented) batches. Here they are recomputed as the cumulative average over the first
@@ -9,7 +10,10 @@ Training leaves each BN's running mean and variance as an exponential average ov
 45000..49999 are not read): one no-grad pass with the model in train mode and every BN's
 ``momentum`` set to None, so each BN normalises with batch statistics and accumulates
 mean_hat = (1/B) sum_b mu_b, var_hat = (1/B) sum_b var_b (the unbiased batch variance), as
-PyTorch's ``update_bn``. Every other array is copied unchanged; the exit thresholds are kept
+PyTorch's ``update_bn``. ``--augment E`` draws the batches as training does instead (random
+crops of the zero-padded images and flips, ``cifar_batches.Data.batches``, seed ``--seed``), E
+passes over the images: the statistics the running average approximates, without its noise.
+Every other array is copied unchanged; the exit thresholds are kept
 (recalibrate with ``python -m xnorcdl.tradeoff --write``); the provenance records the source
 file and its sha256 under ``bn_restat``.
 """
@@ -35,16 +39,17 @@ from run_records import sha256_of  # noqa: E402
 
 
 @torch.no_grad()
-def restat(model: nn.Module, images: torch.Tensor, batch: int) -> int:
-    """Recompute every BN's running statistics of ``model`` over ``images`` (uint8 [N,3,32,32])
-    as cumulative averages of the batch statistics; returns the number of BNs."""
+def restat(model: nn.Module, batches) -> int:
+    """Recompute every BN's running statistics of ``model`` over ``batches`` (uint8
+    [B,3,32,32] each) as cumulative averages of the batch statistics; returns the number of
+    BNs."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for s in range(0, len(images), batch):
-        model(images[s:s + batch])
+    for x in batches:
+        model(x)
     model.eval()
     return len(bns)
 
@@ -56,24 +61,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--images", type=int, default=50000 - VAL_SIZE,
                     help="first N training images (at most the 45000 before the validation split)")
     ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--augment", type=int, default=0, metavar="E",
+                    help="E passes of augmented batches (as training draws them) instead of "
+                         "one pass over the plain images")
+    ap.add_argument("--seed", type=int, default=0, help="--augment: seed of the batches")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--synthetic", action="store_true", help="random images (tests)")
     args = ap.parse_args(argv)
-    if not 0 < args.images <= 50000 - VAL_SIZE or args.batch < 2:
-        raise SystemExit(f"error: --images must lie in 1..{50000 - VAL_SIZE} and --batch be >= 2")
+    if not 0 < args.images <= 50000 - VAL_SIZE or args.batch < 2 or args.augment < 0:
+        raise SystemExit(f"error: --images must lie in 1..{50000 - VAL_SIZE}, --batch be >= 2 "
+                         "and --augment >= 0")
     if os.path.abspath(args.out) == os.path.abspath(args.weights):
         raise SystemExit("error: --out must differ from --weights")
     torch.set_num_threads(args.threads)
     spec, arrays = load_weights(args.weights)
     model = model_from_file(args.weights)
     data = Data(VAL_SIZE, args.images, None, synthetic=args.synthetic)
-    n_bn = restat(model, data.x_train[:args.images], args.batch)
+    if args.augment:
+        gen = torch.Generator().manual_seed(args.seed)
+        batches = (x for _ in range(args.augment) for x, _ in data.batches(args.batch, gen))
+    else:
+        batches = (data.x_train[s:s + args.batch] for s in range(0, len(data.x_train), args.batch))
+    n_bn = restat(model, batches)
     new = export_arrays(model)
     changed = sorted(k for k in new if not np.array_equal(new[k], arrays[k]))
     assert all(k.endswith((".bn.mean", ".bn.var")) for k in changed), changed
     prov = dict(spec.provenance or {})
     prov["bn_restat"] = {"source": args.weights, "source_sha256": sha256_of(args.weights),
                          "images": len(data.x_train), "batch": args.batch,
+                         "augment": args.augment, "seed": args.seed if args.augment else None,
                          "data": data.source, "batch_norms": n_bn}
     save_weights(args.out, dataclasses.replace(spec, provenance=prov), new)
     print(f"{args.out}: running statistics of {n_bn} batch norms re-estimated over "
