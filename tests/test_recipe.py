@@ -366,6 +366,13 @@ def test_bn_restat_changes_only_the_running_statistics_to_their_cumulative_avera
     rec = spec1.provenance["bn_restat"]
     assert rec["source"] == src and rec["images"] == 40 and rec["batch_norms"] == 7
     assert [e.threshold for e in spec1.exits] == [e.threshold for e in spec0.exits]
+    aug = str(tmp_path / "bn_aug.npz")  # augmented batches: other statistics, same arrays else
+    assert R.main(["--weights", src, "--out", aug, "--images", "40", "--batch", "20",
+                   "--synthetic", "--threads", "1", "--augment", "2", "--seed", "4"]) == 0
+    spec2, augd = load_weights(aug)
+    assert {k for k in before if not np.array_equal(before[k], augd[k])} <= changed
+    assert not np.array_equal(augd["stem.bn.mean"], after["stem.bn.mean"])
+    assert spec2.provenance["bn_restat"]["augment"] == 2
     with pytest.raises(SystemExit, match="--out must differ"):
         R.main(["--weights", src, "--out", src, "--synthetic"])
 
