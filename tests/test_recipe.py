@@ -35,9 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "weights")
 
 
-def _load_recipe():
+def _load_recipe(name="train"):
     spec = importlib.util.spec_from_file_location(
-        "xnorcdl_recipe_train", os.path.join(WEIGHTS, "recipe", "train.py"))
+        f"xnorcdl_recipe_{name}", os.path.join(WEIGHTS, "recipe", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -335,21 +335,13 @@ def test_hint_is_refused_where_it_means_nothing(tmp_path):
                           "--teacher", str(tmp_path / "t8" / "tiny.npz")))
 
 
-def _load_bn_restat():
-    spec = importlib.util.spec_from_file_location(
-        "xnorcdl_recipe_bn_restat", os.path.join(WEIGHTS, "recipe", "bn_restat.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bn_restat_changes_only_the_running_statistics_to_their_cumulative_average(tmp_path):
     """bn_restat.py: only BN means and variances change; the stem BN's new mean is the mean of
     the stem conv's output over every pixel of the images (equal batches), its variance the
     mean of the per-batch unbiased variances; the provenance records the source."""
     assert T.main(_tiny_args(tmp_path)) == 0
     src, out = str(tmp_path / "tiny.npz"), str(tmp_path / "bn.npz")
-    R = _load_bn_restat()
+    R = _load_recipe("bn_restat")
     assert R.main(["--weights", src, "--out", out, "--images", "40", "--batch", "20",
                    "--synthetic", "--threads", "1"]) == 0
     (spec0, before), (spec1, after) = load_weights(src), load_weights(out)

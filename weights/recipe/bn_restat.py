@@ -9,11 +9,11 @@ Training leaves each BN's running mean and variance as an exponential average ov
 ``--images`` unaugmented CIFAR-10 training images (never the validation split: images
 45000..49999 are not read): one no-grad pass with the model in train mode and every BN's
 ``momentum`` set to None, so each BN normalises with batch statistics and accumulates
-mean_hat = (1/B) sum_b mu_b, var_hat = (1/B) sum_b var_b (the unbiased batch variance), as
-PyTorch's ``update_bn``. ``--augment E`` draws the batches as training does instead (random
-crops of the zero-padded images and flips, ``cifar_batches.Data.batches``, seed ``--seed``), E
-passes over the images: the statistics the running average approximates, without its noise.
-Every other array is copied unchanged; the exit thresholds are kept
+mean_hat = (1/B) sum_b mu_b, var_hat = (1/B) sum_b var_b (the unbiased batch variance); this
+is ``torch.optim.swa_utils.update_bn``. ``--augment E`` draws the batches as training does
+instead (random crops of the zero-padded images and flips, ``cifar_batches.Data.batches``,
+seed ``--seed``), E passes over the images: the statistics the running average approximates,
+without its noise. Every other array is copied unchanged; the exit thresholds are kept
 (recalibrate with ``python -m xnorcdl.tradeoff --write``); the provenance records the source
 file and its sha256 under ``bn_restat``.
 """
@@ -28,6 +28,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipe's own modules
 
@@ -36,22 +37,6 @@ from xnorcdl.format import load_weights, save_weights  # noqa: E402
 from cifar_batches import VAL_SIZE, Data  # noqa: E402
 from qat_resnet import export_arrays, model_from_file  # noqa: E402
 from run_records import sha256_of  # noqa: E402
-
-
-@torch.no_grad()
-def restat(model: nn.Module, batches) -> int:
-    """Recompute every BN's running statistics of ``model`` over ``batches`` (uint8
-    [B,3,32,32] each) as cumulative averages of the batch statistics; returns the number of
-    BNs."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x in batches:
-        model(x)
-    model.eval()
-    return len(bns)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -79,10 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = Data(VAL_SIZE, args.images, None, synthetic=args.synthetic)
     if args.augment:
         gen = torch.Generator().manual_seed(args.seed)
-        batches = (x for _ in range(args.augment) for x, _ in data.batches(args.batch, gen))
+        batches = (b for _ in range(args.augment) for b in data.batches(args.batch, gen))
     else:
         batches = (data.x_train[s:s + args.batch] for s in range(0, len(data.x_train), args.batch))
-    n_bn = restat(model, batches)
+    update_bn(batches, model)  # batches or (batch, labels): it runs model(batch)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     new = export_arrays(model)
     changed = sorted(k for k in new if not np.array_equal(new[k], arrays[k]))
     assert all(k.endswith((".bn.mean", ".bn.var")) for k in changed), changed

@@ -58,11 +58,11 @@ def fit_least_squares(hints: Hints, student: Sequence[torch.Tensor],
     adapter."""
     errors = []
     for a, s, t in zip(hints.adapters, student, teacher):
-        xs = pooled(s).permute(0, 2, 3, 1).reshape(-1, s.shape[1]).double()
-        yt = pooled(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
-        xs1 = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
-        sol = torch.linalg.lstsq(xs1.cpu(), yt.cpu(), driver="gelsd").solution  # [C_s + 1, C_t]
+        xs = pooled(s).permute(0, 2, 3, 1).reshape(-1, s.shape[1]).double().cpu()
+        yt = pooled(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double().cpu()
+        xs1 = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype)], 1)
+        sol = torch.linalg.lstsq(xs1, yt, driver="gelsd").solution  # [C_s + 1, C_t]
         a.weight.copy_(sol[:-1].T.reshape(a.weight.shape).to(a.weight))
         a.bias.copy_(sol[-1].to(a.bias))
-        errors.append(float(((xs1.cpu() @ sol - yt.cpu()).pow(2).sum() / yt.pow(2).sum())))
+        errors.append(float((xs1 @ sol - yt).pow(2).sum() / yt.pow(2).sum()))
     return errors

@@ -191,14 +191,22 @@ class HybridResNet(nn.Module):
         """x = (pixels / 255 - mean[c]) / std[c] in float32, as the engine."""
         return (pixels.float() / 255.0 - self.mean) / self.std
 
-    def features(self, x: torch.Tensor, upto: Optional[int] = None) -> List[torch.Tensor]:
-        """Block outputs needed by the exits, then the last one computed."""
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize`, channels-last when ``CHANNELS_LAST`` is set."""
+        x = self.normalize(pixels)
+        return x.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST[0] else x
+
+    def features(self, x: torch.Tensor, upto: Optional[int] = None,
+                 taps: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Outputs of the blocks the exits read (or of the blocks ``taps``), in block order,
+        then the last one computed."""
+        keep = self.exit_after if taps is None else taps
         x = F.relu(self.stem_bn(self.stem_conv(x)))
         out = []
         last = len(self.blocks) - 1 if upto is None else upto
         for b in range(last + 1):
             x = self.blocks[b](x)
-            if b in self.exit_after:
+            if b in keep:
                 out.append(x)
         out.append(x)
         return out
@@ -212,10 +220,7 @@ class HybridResNet(nn.Module):
     def edge_outputs(self, pixels: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """(early-exit logits, output of the last exit's block): the part
         :meth:`frozen_by_cloud_only` names, run on raw pixels."""
-        x = self.normalize(pixels)
-        if CHANNELS_LAST[0]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.features(x, max(self.exit_after))
+        feats = self.features(self.prepare(pixels), max(self.exit_after))
         return [self.exit_logits(k, feats[k]) for k in range(len(self.exits))], feats[-1]
 
     def cloud_logits(self, x: torch.Tensor, first: int) -> torch.Tensor:
@@ -237,22 +242,14 @@ class HybridResNet(nn.Module):
                        ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """(the logits of :meth:`forward`, the outputs of blocks ``taps`` in that order): what
         ``--hint`` compares between student and teacher."""
-        x = self.normalize(pixels)
-        if CHANNELS_LAST[0]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = F.relu(self.stem_bn(self.stem_conv(x)))
-        kept = {}
-        for b, blk in enumerate(self.blocks):
-            x = blk(x)
-            if b in taps or b in self.exit_after:
-                kept[b] = x
+        keep = sorted(set(taps) | set(self.exit_after))
+        *outs, last = self.features(self.prepare(pixels), None, keep)
+        kept = dict(zip(keep, outs))
         logits = [self.exit_logits(k, kept[b]) for k, b in enumerate(self.exit_after)]
-        return logits + [self.head_logits(x)], [kept[b] for b in taps]
+        return logits + [self.head_logits(last)], [kept[b] for b in taps]
 
     def forward(self, pixels: torch.Tensor, with_head: bool = True) -> List[torch.Tensor]:
-        x = self.normalize(pixels)
-        if not x.is_contiguous(memory_format=torch.channels_last) and CHANNELS_LAST[0]:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.prepare(pixels)
         upto = None if with_head or not self.exit_after else max(self.exit_after)
         feats = self.features(x, upto)
         logits = [self.exit_logits(k, feats[k]) for k in range(len(self.exits))]

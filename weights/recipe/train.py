@@ -395,10 +395,7 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
             logits = list(early) + [model.cloud_logits(h, max(model.exit_after) + 1)]
         elif frozen:
             with torch.no_grad():
-                x = model.normalize(xb)
-                if CHANNELS_LAST[0]:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                feats = model.features(x, max(model.exit_after))
+                feats = model.features(model.prepare(xb), max(model.exit_after))
             logits = [model.exit_logits(k, feats[k]) for k in range(len(model.exits))]
         elif hinted:  # fwd, teacher: forward_tapped (logits, outputs of the exits' blocks)
             logits, s_feats = fwd(xb)
