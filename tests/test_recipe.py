@@ -114,7 +114,7 @@ def test_padding_is_zero_and_crops_cover_every_offset():
     torch.testing.assert_close(d.padded[:, :, 4:36, 4:36], d.x_train, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["onecycle", "cosine"])
+@pytest.mark.parametrize("kind", ["onecycle", "cosine", "constant"])
 def test_time_schedule_has_the_shape_of_the_step_schedule(kind):
     """lr_at(p) is the curve the step-based schedulers follow, sampled at p = step / total."""
     total, lr, warm = 1000, 0.1, 0.15
@@ -133,7 +133,8 @@ def test_time_schedule_has_the_shape_of_the_step_schedule(kind):
                                    err_msg=f"step {step}")
         opt.step()
         sched.step()
-    assert S.lr_at(kind, lr, 1.0, warm) == pytest.approx(lr / 1000 if kind == "onecycle" else 0.0)
+    assert S.lr_at(kind, lr, 1.0, warm) == pytest.approx(
+        {"onecycle": lr / 1000, "cosine": 0.0, "constant": lr}[kind])
 
 
 def test_time_budget_run_stops_on_time_and_records_what_it_did(tmp_path):
@@ -367,6 +368,81 @@ def test_bn_restat_changes_only_the_running_statistics_to_their_cumulative_avera
     assert spec2.provenance["bn_restat"]["augment"] == 2
     with pytest.raises(SystemExit, match="--out must differ"):
         R.main(["--weights", src, "--out", src, "--synthetic"])
+
+
+import weight_average as WA  # noqa: E402
+
+
+def test_averager_takes_the_mean_of_every_nth_step_after_the_start_and_restats_bn():
+    """theta_swa = (1/n) sum of the snapshots (steps with progress > start, every N-th); BN
+    buffers are not averaged but recomputed by finish() as cumulative batch averages."""
+    torch.manual_seed(0)
+    spec = ModelSpec(depth=8, edge_convs=2, edge_bits=1, exits=(ExitSpec(2, 0.0),))
+    # progress 0.5 is not past the start: the eligible steps are 3, 4, 5 (0-based)
+    for every, taken in ((1, [3, 4, 5]), (2, [4])):
+        model = Q.HybridResNet(spec)
+        avg = WA.Averager(model, 0.5, every)
+        seen = []
+        for i, p in enumerate([0.2, 0.4, 0.5, 0.7, 0.8, 1.0]):
+            with torch.no_grad():
+                for q in model.parameters():
+                    q.copy_(torch.randn_like(q))
+            seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            avg.after_step(model, p)
+        assert avg.snapshots == len(taken)
+        got = dict(avg.avg.module.named_parameters())
+        for k in got:
+            want = sum(seen[t][k].double() for t in taken) / len(taken)
+            np.testing.assert_allclose(got[k].detach().double().numpy(), want.numpy(),
+                                       rtol=1e-5, atol=1e-6, err_msg=k)
+    x = B.Data(B.VAL_SIZE, 40, None, synthetic=True).x_train[:40]
+    kept = model.stem_bn.running_mean.clone()
+    out = avg.finish([x[:20], x[20:]])
+    assert not out.training and torch.equal(model.stem_bn.running_mean, kept)
+    with torch.no_grad():
+        y = out.stem_conv(out.normalize(x)).double()
+    np.testing.assert_allclose(out.stem_bn.running_mean.double().numpy(),
+                               y.mean(dim=(0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no snapshot"):
+        WA.Averager(model, 0.9, 1).finish([x])
+
+
+def test_swa_run_exports_the_average_and_resumes_to_the_same_file(tmp_path, monkeypatch):
+    """--swa-every 1 --swa-start 0.4 over 2 epochs x 3 steps averages steps 3..6 and writes
+    <out>_swa.npz (same arrays as --out, other values); a run interrupted after epoch 1 (one
+    snapshot taken) and resumed writes the same averaged file as the uninterrupted run."""
+    def args(d):
+        a = _tiny_args(d, "--swa-every", "1", "--swa-start", "0.4", "--sched", "constant")
+        a[a.index("--epochs") + 1] = "2"
+        a[a.index("--max-steps") + 1] = "3"
+        return a
+    assert T.main(args(tmp_path / "a")) == 0
+    _, last = load_weights(str(tmp_path / "a" / "tiny.npz"))
+    spec, avg = load_weights(str(tmp_path / "a" / "tiny_swa.npz"))
+    assert set(avg) == set(last)
+    assert not np.array_equal(avg["conv1.weight"], last["conv1.weight"])
+    assert spec.provenance["swa"] == {"every": 1, "start": 0.4, "snapshots": 4, "bn_passes": 1}
+    load_model(str(tmp_path / "a" / "tiny_swa.npz"))
+    assert "4 snapshots averaged" in open(tmp_path / "a" / "ckpt" / "train.log").read()
+
+    real = T.validate_epoch
+
+    def crash_in_epoch_2(model, data, cfg, state, entry, best_path):
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real(model, data, cfg, state, entry, best_path)
+    monkeypatch.setattr(T, "validate_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(args(tmp_path / "b"))
+    monkeypatch.setattr(T, "validate_epoch", real)
+    assert T.main(args(tmp_path / "b")) == 0
+    _, resumed = load_weights(str(tmp_path / "b" / "tiny_swa.npz"))
+    for k in avg:
+        np.testing.assert_array_equal(avg[k], resumed[k], err_msg=k)
+    with pytest.raises(SystemExit, match="--swa-every averages one joint phase"):
+        T.main(_tiny_args(tmp_path / "c", "--swa-every", "1", "--strategy", "separate"))
+    with pytest.raises(SystemExit, match="--swa-start lie in"):
+        T.main(_tiny_args(tmp_path / "c", "--swa-every", "1", "--swa-start", "1"))
 
 
 def test_weighted_distillation_loss_is_the_weighted_mean_of_per_sample_losses():

@@ -71,6 +71,11 @@ block output each early exit reads learns the teacher's pooled output of the sam
 a training-only 1x1 adapter (:mod:`feature_hint`, FitNets on the exit's input; the adapter is
 fitted by least squares first and never exported).
 
+``--swa-every N`` averages the weights of every N-th step once ``--swa-start`` of the run is
+spent (stochastic weight averaging, :mod:`weight_average`; ``--sched constant`` gives the flat
+rate it is meant to sample), recomputes the BN statistics for the mean over augmented training
+batches and exports it to ``<out>_swa.npz`` beside ``--out``.
+
 Initialisation from an .npz (``--init``): arrays are copied by name where the layer has the same
 role in both files (:func:`qat_resnet.init_from`: edge BNs without a counterpart start as the
 identity, latent weights from the full-precision conv weights, missing exits at random).
@@ -106,6 +111,7 @@ from feature_hint import Hints, fit_least_squares  # noqa: E402
 from qat_resnet import CHANNELS_LAST, HybridResNet, QuanConv, export, init_from, model_from_file  # noqa: E402
 from run_records import Logger, atomic_save, init_record, machine, teacher_record  # noqa: E402
 from val_scoring import calibrate_fast, conditional, entropy_tensor, predict  # noqa: E402
+import weight_average  # noqa: E402
 
 
 # ============================================================================ training
@@ -211,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exit-epochs", type=int, default=0, help="separate: epochs for the exits (0: max(1, epochs // 4))")
     a("--batch", type=int, default=128)
     a("--lr", type=float, default=0.1, help="peak learning rate")
-    a("--sched", default="onecycle", choices=("onecycle", "cosine"))
+    a("--sched", default="onecycle", choices=("onecycle", "cosine", "constant"))
     a("--warmup", type=float, default=0.15, help="fraction of steps warming up")
     a("--wd", type=float, default=5e-4, help="weight decay on float conv and linear weights")
     a("--wd-latent", type=float, default=0.0, help="weight decay on latent quantized weights")
@@ -258,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="score the epochs for --select-by on the first N validation images only, so the "
            "rest can compare and calibrate the chosen file without the choice's optimism "
            "(python -m xnorcdl.tradeoff --calib-range N:)")
+    a("--swa-every", type=int, default=0, metavar="N",
+      help="stochastic weight averaging (weight_average): average the weights of every N-th "
+           "step after --swa-start, recompute the BN statistics for the mean and export it to "
+           "<out>_swa.npz as well (0: off)")
+    a("--swa-start", type=float, default=0.5, metavar="F",
+      help="--swa-every: fraction of the run (steps, or the --time-budget) before averaging")
+    a("--swa-bn-passes", type=int, default=1, metavar="E",
+      help="--swa-every: passes of augmented training batches the averaged model's BN "
+           "statistics are recomputed over")
     a("--cloud-only", action="store_true",
       help="train only the layers after the last early exit (cloud convs, head) on the head "
            "loss; the stem, the convs up to the last exit (BN in inference mode) and the exits "
@@ -338,6 +353,13 @@ def resolve(args) -> dict:
                          "give --teacher and --exits (strategy joint, not --cloud-only)")
     if args.hint and args.cuda_graphs:
         raise SystemExit("error: --hint is not captured by --cuda-graphs; use --compile 1")
+    if args.swa_every:
+        if args.swa_every < 0 or not 0.0 <= args.swa_start < 1.0 or args.swa_bn_passes < 1:
+            raise SystemExit("error: --swa-every must be >= 0, --swa-start lie in [0, 1) and "
+                             "--swa-bn-passes be >= 1")
+        if args.cloud_only or args.cuda_graphs or (args.strategy == "separate" and exits):
+            raise SystemExit("error: --swa-every averages one joint phase of every parameter: "
+                             "not with --cloud-only, --strategy separate or --cuda-graphs")
     if args.compile and args.cuda_graphs:
         raise SystemExit("error: --compile 1 and --cuda-graphs 1 are alternatives; give one")
     if not 0.0 < args.exit_budget_frac < 1.0:
@@ -348,6 +370,7 @@ def resolve(args) -> dict:
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
                cloud_focus=focus,
                select_out=(args.select_out or default_out(args.out)) if args.select_by else None,
+               swa_out=weight_average.default_out(args.out) if args.swa_every else None,
                exit_epochs=(args.exit_epochs or max(1, args.epochs // 4)
                             if args.strategy == "separate" and exits and not args.time_budget
                             else 0))
@@ -355,14 +378,14 @@ def resolve(args) -> dict:
 
 
 def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_epochs,
-                frozen="", teacher=None, fwd=None):
+                frozen="", teacher=None, fwd=None, after_step=None):
     """One pass over the shuffled training images (fewer steps with --max-steps, or when a
     --time-budget runs out). Running loss and accuracy stay on the device between log lines, so
     a GPU is never made to wait for the host. ``fwd`` (default ``model``) is the callable that
     runs the training forward, e.g. ``torch.compile(model)`` (``model.edge_outputs`` when
     ``frozen`` is "edge"); ``teacher`` may be compiled too. ``frozen``: "" trains everything,
     "convs" only the exits (separate, phase 2), "edge" only what follows the last exit
-    (``--cloud-only``).
+    (``--cloud-only``). ``after_step()``, if given, runs after every optimizer step.
     Returns (mean loss, seconds, steps done)."""
     fwd = model if fwd is None else fwd
     model.train()
@@ -420,6 +443,8 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
             torch.nn.utils.clip_grad_norm_(trained, cfg["clip_grad"], foreach=True)
         opt.step()
         sched.step()
+        if after_step is not None:
+            after_step()
         done += 1
         with torch.no_grad():
             tot_loss += loss.detach().double() * len(yb)
@@ -462,7 +487,8 @@ def plan_phases(cfg: dict) -> list:
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
-               "select_by", "cloud_only", "cloud_focus", "select_images", "hint", "hint_images")
+               "select_by", "cloud_only", "cloud_focus", "select_images", "hint", "hint_images",
+               "swa_every", "swa_start")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -474,7 +500,8 @@ def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, lo
         return state, None
     resume = torch.load(ck_path, map_location="cpu", weights_only=False)
     old = {"clip_grad": 0.0, "optimizer": "sgd", "cloud_only": False,  # older checkpoints
-           "hint": 0.0, "hint_images": 2048, **resume["cfg"]}
+           "hint": 0.0, "hint_images": 2048, "swa_every": 0, "swa_start": 0.5,
+           **resume["cfg"]}
     diff = {k: (old.get(k), cfg[k]) for k in RESUME_KEYS if old.get(k) != cfg[k]}
     if diff:
         raise SystemExit(f"error: {ck_path} was made with another configuration {diff}; "
@@ -628,10 +655,12 @@ def accs_text(accs) -> str:
 
 
 def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict, command: str,
-                        log, selected: Optional[dict] = None) -> None:
+                        log, selected: Optional[dict] = None,
+                        extra: Optional[dict] = None) -> None:
     """Calibrate the exit thresholds on the validation split (``--threshold-rule``), record the
     validation figures and the run in the provenance, and write ``--out``. ``selected``: the
-    model is the epoch ``--select-by`` chose, recorded as such (the history stays the run's)."""
+    model is the epoch ``--select-by`` chose, recorded as such (the history stays the run's);
+    ``extra``: further provenance entries (``swa``)."""
     val = predict(model, data.x_val, device=cfg["device"])
     yv = data.y_val.numpy()
     n_early = len(cfg["exits"])
@@ -670,7 +699,7 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
                              "val_edge": selected["edge"],
                              "val_images": cfg["select_images"] or len(yv),
                              "init_point": state.get("init_point")}} if selected else {}),
-            "schedule_changes": state.get("schedule_changes", [])}
+            "schedule_changes": state.get("schedule_changes", []), **(extra or {})}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
     export(model, cfg["out"], thresholds, prov)
     log(f"wrote {cfg['out']}")
@@ -709,6 +738,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         state["init_point"] = {k: start[k] for k in ("acc", "edge")}
         log(f"--init {cfg['init']}: {cfg['select_by']}: {start['acc']:.2f} % with "
             f"{start['edge']:.2f} % exits on validation")
+    averager = None
+    if cfg["swa_every"]:
+        averager = weight_average.Averager(model, cfg["swa_start"], cfg["swa_every"])
+        if resume is not None and "swa" in resume:
+            averager.load_state_dict(resume["swa"])
+        swa_state = lambda: {"swa": averager.state_dict()} if averager else {}  # noqa: E731
+    else:
+        swa_state = lambda: {}  # noqa: E731
 
     for p, (pname, epochs, weights, frozen, seconds) in enumerate(plan_phases(cfg)):
         if p < state["phase"]:
@@ -737,17 +774,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             # forward replayed wrong logits (then NaN) on an H200 while the ordinary call was
             # exact; ungraphed it adds ~10 % to a graphed step.
             model = graph_model(model, cfg["batch"], log)
+        after_step = None
+        if averager is not None:  # one phase: joint (resolve refuses the others)
+            count = weight_average.progress_counter(
+                epochs * steps, (state["epoch"] if state["phase"] == p else 0) * steps)
+
+            def after_step():
+                averager.after_step(model, sched.progress() if timed else count())
 
         def checkpoint():  # resumable state after a completed (or just validated) epoch
             atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "gen": gen.get_state(), "state": state},
-                        ck_path)
+                         "sched": sched.state_dict(), "gen": gen.get_state(), "state": state,
+                         **swa_state()}, ck_path)
 
         log(f"phase {pname}: " + (f"{seconds:.0f} s budget" if timed else f"{epochs} epochs")
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
-                                             epoch, epochs, frozen, teacher, fwd)
+                                             epoch, epochs, frozen, teacher, fwd, after_step)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
                 prev = state["history"][-1] if state["history"] else None
                 if prev is not None and prev["phase"] == pname and "val_acc" not in prev:
@@ -776,7 +820,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         state.setdefault("phase_epochs", {})[pname] = state["epoch"]
         state["phase"], state["epoch"] = p + 1, 0
         resume = None
-        atomic_save({"cfg": cfg, "model": model.state_dict(), "state": state}, ck_path)
+        atomic_save({"cfg": cfg, "model": model.state_dict(), "state": state, **swa_state()},
+                    ck_path)
 
     validate_and_export(model, data, cfg, state, command, log)
     if cfg["select_by"] and state.get("best"):
@@ -787,7 +832,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"({best['acc']:.2f} % with {best['edge']:.2f} % exits on validation)")
         validate_and_export(model, data, {**cfg, "out": cfg["select_out"]}, state, command, log,
                             selected=best)
+    if averager is not None:
+        export_average(averager, data, cfg, state, command, log)
     return 0
+
+
+def export_average(averager, data: Data, cfg: dict, state: dict, command: str, log) -> None:
+    """``--swa-every``: the averaged weights, their BN statistics recomputed over
+    ``--swa-bn-passes`` passes of augmented training batches, calibrated and written to
+    ``<out>_swa.npz`` (:mod:`weight_average`)."""
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 999)
+    batches = (b for _ in range(cfg["swa_bn_passes"]) for b in data.batches(cfg["batch"], gen))
+    model = averager.finish(batches)
+    log(f"--swa-every {cfg['swa_every']}: {averager.snapshots} snapshots averaged, BN statistics "
+        f"recomputed over {cfg['swa_bn_passes']} pass(es) in {time.time() - t0:.0f}s")
+    validate_and_export(model, data, {**cfg, "out": cfg["swa_out"]}, state, command, log,
+                        extra={"swa": {"every": cfg["swa_every"], "start": cfg["swa_start"],
+                                       "snapshots": averager.snapshots,
+                                       "bn_passes": cfg["swa_bn_passes"]}})
 
 
 if __name__ == "__main__":

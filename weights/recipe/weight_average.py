@@ -1,0 +1,79 @@
+"""Stochastic weight averaging of the recipe (``--swa-every N --swa-start F``).
+
+Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization" (2018):
+once a fraction F of the run is spent, every N-th optimizer step's parameters are added to a
+running mean,
+
+    theta_swa <- theta_swa + (theta - theta_swa) / (n + 1),    n snapshots so far,
+
+so theta_swa = (1/n) sum_i theta_i. For a quantized conv the mean is taken over its real-valued
+latent weights; the exported codes are those of the mean (sign and alpha of eq. (1)-(2) for
+1 bit), i.e. a weight whose latent value kept crossing zero ends with the sign it held on
+balance. Batch norms are not averaged: their running statistics belong to the weights that
+produced them, so :func:`Averager.finish` recomputes them for theta_swa as the cumulative
+average over augmented training batches (``torch.optim.swa_utils.update_bn``, as
+``bn_restat.py --augment``). The averaged model is exported besides ``--out`` (``<out>_swa.npz``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
+
+
+def default_out(out: str) -> str:
+    """``run.npz`` -> ``run_swa.npz``."""
+    stem = out[:-4] if out.endswith(".npz") else out
+    return stem + "_swa.npz"
+
+
+class Averager:
+    """Running mean of ``model``'s parameters (buffers excluded) over the optimizer steps
+    after the fraction ``start`` of the run, one snapshot every ``every`` such steps.
+    ``progress()`` (called after each step) gives the fraction of the run spent."""
+
+    def __init__(self, model: torch.nn.Module, start: float, every: int):
+        self.avg = AveragedModel(model, device=None, use_buffers=False)
+        self.start, self.every, self.eligible = start, every, 0
+
+    @property
+    def snapshots(self) -> int:
+        return int(self.avg.n_averaged)
+
+    def after_step(self, model: torch.nn.Module, progress: float) -> None:
+        if progress <= self.start:
+            return
+        self.eligible += 1
+        if self.eligible % self.every == 0:
+            self.avg.update_parameters(model)
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg.state_dict(), "eligible": self.eligible}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.avg.load_state_dict(d["avg"])
+        self.eligible = d["eligible"]
+
+    def finish(self, batches: Iterable[torch.Tensor]) -> torch.nn.Module:
+        """A copy of the averaged model with its BN running statistics recomputed over
+        ``batches`` (the model in train mode, momentum None: cumulative averages)."""
+        if self.snapshots == 0:
+            raise ValueError("no snapshot was averaged: the run ended before --swa-start "
+                             "(or before --swa-every steps after it)")
+        model = copy.deepcopy(self.avg.module)
+        update_bn(batches, model)
+        model.eval()
+        return model
+
+
+def progress_counter(total_steps: int, done: int = 0) -> Callable[[], float]:
+    """For a run of ``total_steps`` steps (``--epochs``): a callable that counts one step per
+    call and returns the fraction done after it."""
+    state = [done]
+
+    def step() -> float:
+        state[0] += 1
+        return state[0] / total_steps
+    return step
