@@ -738,14 +738,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         state["init_point"] = {k: start[k] for k in ("acc", "edge")}
         log(f"--init {cfg['init']}: {cfg['select_by']}: {start['acc']:.2f} % with "
             f"{start['edge']:.2f} % exits on validation")
-    averager = None
+    averager = None  # --swa-every: the running mean, saved with every checkpoint
     if cfg["swa_every"]:
         averager = weight_average.Averager(model, cfg["swa_start"], cfg["swa_every"])
         if resume is not None and "swa" in resume:
             averager.load_state_dict(resume["swa"])
-        swa_state = lambda: {"swa": averager.state_dict()} if averager else {}  # noqa: E731
-    else:
-        swa_state = lambda: {}  # noqa: E731
+
+    def swa_state() -> dict:
+        return {} if averager is None else {"swa": averager.state_dict()}
 
     for p, (pname, epochs, weights, frozen, seconds) in enumerate(plan_phases(cfg)):
         if p < state["phase"]:
