@@ -7,7 +7,7 @@ running mean,
     theta_swa <- theta_swa + (theta - theta_swa) / (n + 1),    n snapshots so far,
 
 so theta_swa = (1/n) sum_i theta_i. For a quantized conv the mean is taken over its real-valued
-latent weights; the exported codes are those of the mean (sign and alpha of eq. (1)-(2) for
+latent weights; the exported codes are those of the mean (sign and alpha of eq. (3) and (2) for
 1 bit), i.e. a weight whose latent value kept crossing zero ends with the sign it held on
 balance. Batch norms are not averaged: their running statistics belong to the weights that
 produced them, so :func:`Averager.finish` recomputes them for theta_swa as the cumulative
