@@ -56,7 +56,8 @@ def better(new: dict, best: Optional[dict]) -> bool:
     return best is None or tuple(new["score"]) > tuple(best["score"])
 
 
-def default_out(out: str) -> str:
-    """``--select-out`` when not given: ``r32_20E.npz`` -> ``r32_20E_best.npz``."""
+def default_out(out: str, tag: str = "best") -> str:
+    """``--select-out`` when not given: ``r32_20E.npz`` -> ``r32_20E_best.npz`` (``tag``
+    "swa": the weight average's file)."""
     stem, ext = (out[:-4], ".npz") if out.endswith(".npz") else (out, "")
-    return f"{stem}_best{ext}"
+    return f"{stem}_{tag}{ext}"

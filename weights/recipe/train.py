@@ -370,7 +370,7 @@ def resolve(args) -> dict:
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
                cloud_focus=focus,
                select_out=(args.select_out or default_out(args.out)) if args.select_by else None,
-               swa_out=weight_average.default_out(args.out) if args.swa_every else None,
+               swa_out=default_out(args.out, "swa") if args.swa_every else None,
                exit_epochs=(args.exit_epochs or max(1, args.epochs // 4)
                             if args.strategy == "separate" and exits and not args.time_budget
                             else 0))
@@ -776,11 +776,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = graph_model(model, cfg["batch"], log)
         after_step = None
         if averager is not None:  # one phase: joint (resolve refuses the others)
-            count = weight_average.progress_counter(
-                epochs * steps, (state["epoch"] if state["phase"] == p else 0) * steps)
-
-            def after_step():
-                averager.after_step(model, sched.progress() if timed else count())
+            def after_step():  # a step schedule's last_epoch counts the steps done (resumed too)
+                averager.after_step(model, sched.progress() if timed
+                                    else sched.last_epoch / (epochs * steps))
 
         def checkpoint():  # resumable state after a completed (or just validated) epoch
             atomic_save({"cfg": cfg, "model": model.state_dict(), "opt": opt.state_dict(),

@@ -17,22 +17,16 @@ average over augmented training batches (``torch.optim.swa_utils.update_bn``, as
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 
-def default_out(out: str) -> str:
-    """``run.npz`` -> ``run_swa.npz``."""
-    stem = out[:-4] if out.endswith(".npz") else out
-    return stem + "_swa.npz"
-
-
 class Averager:
     """Running mean of ``model``'s parameters (buffers excluded) over the optimizer steps
-    after the fraction ``start`` of the run, one snapshot every ``every`` such steps.
-    ``progress()`` (called after each step) gives the fraction of the run spent."""
+    after the fraction ``start`` of the run, one snapshot every ``every`` such steps
+    (:meth:`after_step` is told the fraction of the run spent after each step)."""
 
     def __init__(self, model: torch.nn.Module, start: float, every: int):
         self.avg = AveragedModel(model, device=None, use_buffers=False)
@@ -66,14 +60,3 @@ class Averager:
         update_bn(batches, model)
         model.eval()
         return model
-
-
-def progress_counter(total_steps: int, done: int = 0) -> Callable[[], float]:
-    """For a run of ``total_steps`` steps (``--epochs``): a callable that counts one step per
-    call and returns the fraction done after it."""
-    state = [done]
-
-    def step() -> float:
-        state[0] += 1
-        return state[0] / total_steps
-    return step
