@@ -637,7 +637,7 @@ def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: 
     entry["val_acc"] = accs
     msg = f", val acc per exit/head {accs_text(accs)}"
     if cfg["select_by"]:
-        n = cfg["select_images"] or len(yv)
+        n = select_count(cfg, len(yv))
         point = operating_point([l[:n].numpy() for l in val], yv[:n], cfg["select_by"])
         entry["select"] = {k: point[k] for k in ("acc", "edge")}
         msg += f"; {cfg['select_by']}: {point['acc']:.2f} % with {point['edge']:.2f} % exits"
@@ -647,6 +647,12 @@ def validate_epoch(model, data, cfg: dict, state: dict, entry: dict, best_path: 
             state["best"] = best
             msg += " (best so far)"
     return msg
+
+
+def select_count(cfg: dict, n_val: int) -> int:
+    """How many validation images (the first ones) ``--select-by`` chooses on: ``--select-images``,
+    or the whole split of ``n_val`` images."""
+    return cfg["select_images"] or n_val
 
 
 def accs_text(accs) -> str:
@@ -697,7 +703,7 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             **({"selected": {"by": selected["rule"], "phase": selected["phase"],
                              "epoch": selected["epoch"], "val_acc": selected["acc"],
                              "val_edge": selected["edge"],
-                             "val_images": cfg["select_images"] or len(yv),
+                             "val_images": select_count(cfg, len(yv)),
                              "init_point": state.get("init_point")}} if selected else {}),
             "schedule_changes": state.get("schedule_changes", []), **(extra or {})}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
@@ -727,7 +733,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ck_path = os.path.join(cfg["ckpt_dir"], "last.pt")
     best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
-    n_sel = cfg["select_images"] or len(data.y_val)
+    n_sel = select_count(cfg, len(data.y_val))
     if cfg["select_images"] and n_sel >= len(data.y_val):
         raise SystemExit(f"error: --select-images {n_sel}: the validation split holds "
                          f"{len(data.y_val)} images; leave some for the comparison")
