@@ -579,6 +579,17 @@ def test_select_images_scores_on_the_first_images_only(tmp_path):
         T.main(_tiny_args(tmp_path / "b", "--select-by", "exits:50", "--select-images", "32"))
 
 
+def test_validation_scope_names_the_held_out_images():
+    """The end-of-run log line says which validation images chose the epoch and which are held
+    out, so that its whole-split figures are not read as held-out ones."""
+    cfg = {"select_by": "exits:59.3", "select_images": 2500}
+    assert T.validation_scope(cfg, 5000) == (
+        "all 5000 images: 0..2499 chose the epoch, 2500..4999 are held out; "
+        "compare on those with tradeoff --calib-range 2500:")
+    assert T.validation_scope({**cfg, "select_images": None}, 5000) == "all 5000 images"
+    assert T.validation_scope({"select_by": None, "select_images": None}, 64) == "all 64 images"
+
+
 def test_select_by_keeps_an_early_epoch_and_survives_a_resume(tmp_path, monkeypatch):
     """Scores falling epoch by epoch: epoch 1 is exported (its weights differ from the last
     epoch's), and a rerun of the finished command exports the same file again."""

@@ -655,6 +655,16 @@ def select_count(cfg: dict, n_val: int) -> int:
     return cfg["select_images"] or n_val
 
 
+def validation_scope(cfg: dict, n_val: int) -> str:
+    """What the end-of-run validation figures cover, for the log: with ``--select-images`` the
+    whole split mixes the images that chose the epoch with those kept for comparisons."""
+    n_sel = select_count(cfg, n_val)
+    if not cfg.get("select_by") or n_sel >= n_val:
+        return f"all {n_val} images"
+    return (f"all {n_val} images: 0..{n_sel - 1} chose the epoch, {n_sel}..{n_val - 1} are "
+            f"held out; compare on those with tradeoff --calib-range {n_sel}:")
+
+
 def accs_text(accs) -> str:
     """Accuracies (%) of the exits and the head as the log prints them: '74.20 89.38'."""
     return " ".join(f"{a:.2f}" for a in accs)
@@ -684,7 +694,7 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "val_acc": round(acc * 100, 2), "val_exit_fraction": [round(f * 100, 2) for f in fr],
             "val_acc_at_0.5": round(acc05 * 100, 2),
             "val_exit_fraction_at_0.5": [round(f * 100, 2) for f in fr05]})
-    log("validation: " + json.dumps(figures))
+    log(f"validation ({validation_scope(cfg, len(yv))}): " + json.dumps(figures))
     done = list(state.get("phase_epochs", {}).values()) or [cfg["epochs"], cfg["exit_epochs"]]
     prov = {"command": command, "strategy": cfg["strategy"], "epochs": done[0],
             "exit_epochs": done[1] if len(done) > 1 else cfg["exit_epochs"],
