@@ -370,6 +370,52 @@ def test_bn_restat_changes_only_the_running_statistics_to_their_cumulative_avera
         R.main(["--weights", src, "--out", src, "--synthetic"])
 
 
+def test_weight_soup_is_the_mean_of_the_files_with_bn_recomputed_for_it(tmp_path):
+    """weight_soup.py: every array but the BN running statistics is the mean of the files
+    (exactly, in float64 then rounded once); the running statistics are those bn_restat.py
+    computes for a file holding that mean; files of another network, fewer than two files
+    and --out equal to a source are refused, nothing written."""
+    S, R = _load_recipe("weight_soup"), _load_recipe("bn_restat")
+    spec = ModelSpec(depth=8, edge_convs=2, edge_bits=1, exits=(ExitSpec(2, 0.3),))
+    paths = []
+    for seed in (1, 2, 3):
+        paths.append(str(tmp_path / f"w{seed}.npz"))
+        save_weights(paths[-1], spec if seed == 1 else spec.with_thresholds([0.1 * seed]),
+                     random_weights(spec, seed))
+    out = str(tmp_path / "soup.npz")
+    common = ["--images", "40", "--batch", "20", "--synthetic", "--threads", "1"]
+    assert S.main(["--weights", *paths, "--out", out, *common, "--augment", "2"]) == 0
+    src = [load_weights(p)[1] for p in paths]
+    spec_s, soup = load_weights(out)
+    for k in soup:
+        if not k.endswith((".bn.mean", ".bn.var")):
+            want = (sum(a[k].astype(np.float64) for a in src) / 3).astype(np.float32)
+            np.testing.assert_array_equal(soup[k], want, err_msg=k)
+    mean_file = str(tmp_path / "mean.npz")
+    save_weights(mean_file, spec, {k: (soup[k] if not k.endswith((".bn.mean", ".bn.var"))
+                                       else src[0][k]) for k in soup})
+    ref = str(tmp_path / "ref.npz")
+    assert R.main(["--weights", mean_file, "--out", ref, *common, "--augment", "2"]) == 0
+    _, want = load_weights(ref)
+    assert not np.array_equal(soup["conv1.bn.mean"], src[0]["conv1.bn.mean"])
+    for k in soup:
+        np.testing.assert_allclose(soup[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert [e.threshold for e in spec_s.exits] == [0.3]
+    rec = spec_s.provenance["weight_soup"]
+    assert [s["path"] for s in rec["sources"]] == paths and rec["augment"] == 2
+    other = str(tmp_path / "other.npz")
+    spec2 = ModelSpec(depth=8, edge_convs=2, edge_bits=2, exits=(ExitSpec(2, 0.3),))
+    save_weights(other, spec2, random_weights(spec2, 4))
+    bad = str(tmp_path / "bad.npz")
+    with pytest.raises(SystemExit, match="other.npz: describes another network.*edge_bits"):
+        S.main(["--weights", paths[0], other, "--out", bad, *common])
+    with pytest.raises(SystemExit, match="at least two"):
+        S.main(["--weights", paths[0], "--out", bad, *common])
+    with pytest.raises(SystemExit, match="--out must differ"):
+        S.main(["--weights", *paths, "--out", paths[1], *common])
+    assert not os.path.exists(bad)
+
+
 import weight_average as WA  # noqa: E402
 
 

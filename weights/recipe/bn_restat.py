@@ -39,6 +39,19 @@ from qat_resnet import export_arrays, model_from_file  # noqa: E402
 from run_records import sha256_of  # noqa: E402
 
 
+def recompute(model: nn.Module, data: Data, batch: int, augment: int = 0, seed: int = 0) -> int:
+    """Replace every BN's running statistics of ``model`` by their cumulative average over
+    ``data``'s training images (plain, or ``augment`` augmented passes drawn with ``seed``);
+    returns the number of batch norms."""
+    if augment:
+        gen = torch.Generator().manual_seed(seed)
+        batches = (b for _ in range(augment) for b in data.batches(batch, gen))
+    else:
+        batches = (data.x_train[s:s + batch] for s in range(0, len(data.x_train), batch))
+    update_bn(batches, model)  # batches or (batch, labels): it runs model(batch)
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", required=True, help="weights file (.npz)")
@@ -62,13 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec, arrays = load_weights(args.weights)
     model = model_from_file(args.weights)
     data = Data(VAL_SIZE, args.images, None, synthetic=args.synthetic)
-    if args.augment:
-        gen = torch.Generator().manual_seed(args.seed)
-        batches = (b for _ in range(args.augment) for b in data.batches(args.batch, gen))
-    else:
-        batches = (data.x_train[s:s + args.batch] for s in range(0, len(data.x_train), args.batch))
-    update_bn(batches, model)  # batches or (batch, labels): it runs model(batch)
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_bn = recompute(model, data, args.batch, args.augment, args.seed)
     new = export_arrays(model)
     changed = sorted(k for k in new if not np.array_equal(new[k], arrays[k]))
     assert all(k.endswith((".bn.mean", ".bn.var")) for k in changed), changed

@@ -1,0 +1,184 @@
+"""``python -m xnorcdl.compare``: two weights files on the same labelled images, sample by sample.
+
+Two networks are compared at the same operating point (a threshold rule, :mod:`xnorcdl.calibrate`)
+on the same images: for each rule each file gets its own thresholds, chosen on these images, and
+Algorithm 1 is replayed. Besides both files' accuracy and edge-exit fraction, the comparison is
+paired: of the n samples,
+
+    n11 both right, n10 only A right, n01 only B right, n00 both wrong,
+
+and McNemar's exact test (the discordant samples are n10 + n01 fair coin flips if A and B are
+equally accurate) gives the two-sided p-value
+
+    p = min(1, 2 * sum_{i <= min(n10, n01)} C(n10 + n01, i) / 2^(n10 + n01)).
+
+The same counts and test are given for leaving at the edge. A paired test sees differences that
+the two accuracies' own standard errors hide, since most samples are right (or wrong) for both.
+
+The thresholds are calibrated on the compared images themselves (in-sample operating points):
+each file gets the same advantage, so the comparison is fair, but the figures are not those a
+held-out set would give (``python -m xnorcdl.tradeoff`` separates the two). The default images
+are the recipe's validation split (CIFAR-10 training images 45000..49999); ``--range A:B``
+takes records A..B-1 of them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import List, Optional
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import calibrate, engine
+from .format import WeightsError
+from .infer import UsageError, make_executor, resolve_images
+from .model import load_model
+from .progress import Progress
+from .records import DataError
+from .report import check_destination, emit_json
+from .spec import SpecError
+from .tradeoff import VAL_FILE, VAL_START, VALIDATION, _labelled, parse_range
+
+NO_EXIT = "no exit"
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (module doc)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"counts must be >= 0, got {only_a}, {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / (1 << n))  # exact integers, one correctly rounded division
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Counts of a boolean outcome for the same samples under A and B, and McNemar's p."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes need the same samples, got {a.shape} and {b.shape}")
+    n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+    return {"both": int((a & b).sum()), "only_a": n10, "only_b": n01,
+            "neither": int((~a & ~b).sum()), "p_value": mcnemar_exact(n10, n01)}
+
+
+def compare_outputs(outs_a, outs_b, labels: np.ndarray, rules: List[str]) -> List[dict]:
+    """One row per rule (and one for the head alone): both files' thresholds, accuracy and edge
+    fraction, and the paired counts of being right and of leaving at the edge."""
+    labels = np.asarray(labels)
+    rows = []
+    for rule in [NO_EXIT] + list(rules):
+        row = {"rule": rule}
+        correct, edge = {}, {}
+        for name, outs in (("a", outs_a), ("b", outs_b)):
+            thr = ([0.0] * (len(outs) - 1) if rule == NO_EXIT
+                   else calibrate.calibrate(outs, labels, rule))
+            pred, where = calibrate.decide(outs, thr)
+            correct[name], edge[name] = pred == labels, where != engine.FINAL
+            row[name] = {"thresholds": thr, "accuracy": float(correct[name].mean()),
+                         "edge_fraction": float(edge[name].mean())}
+        row["correct"] = paired(correct["a"], correct["b"])
+        row["edge"] = paired(edge["a"], edge["b"])
+        rows.append(row)
+    return rows
+
+
+def format_table(doc: dict) -> str:
+    w = max([10] + [len(r["rule"]) for r in doc["rules"]])
+    lines = [f"A {doc['a']}", f"B {doc['b']}",
+             f"images {doc['images']} ({doc['samples']}), thresholds calibrated on them per file",
+             "",
+             f"{'rule':<{w}} | {'A acc':>7} {'B acc':>7} {'only A':>6} {'only B':>6} "
+             f"{'p':>7} | {'A exits':>7} {'B exits':>7} {'only A':>6} {'only B':>6} {'p':>7}"]
+    for r in doc["rules"]:
+        c, e = r["correct"], r["edge"]
+        lines.append(
+            f"{r['rule']:<{w}} | {100 * r['a']['accuracy']:6.2f}% {100 * r['b']['accuracy']:6.2f}% "
+            f"{c['only_a']:6d} {c['only_b']:6d} {c['p_value']:7.3g} | "
+            f"{100 * r['a']['edge_fraction']:6.2f}% {100 * r['b']['edge_fraction']:6.2f}% "
+            f"{e['only_a']:6d} {e['only_b']:6d} {e['p_value']:7.3g}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m xnorcdl.compare",
+                                 description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    a("--weights", nargs=2, required=True, metavar=("A", "B"), help="the two weights files")
+    a("--images", default=VALIDATION,
+      help="labelled records; 'validation': CIFAR-10 training images 45000..49999")
+    a("--range", default=None, metavar="A:B", help="compare on records A..B-1 only")
+    a("--format", default="cifar10", choices=["cifar10", "cifar100"])
+    a("--rules", default="accuracy:89.16,exits:59.3,within:0.5",
+      help="comma-separated threshold rules (xnorcdl.calibrate)")
+    a("--backend", default="fast", choices=["fast", "reference"])
+    a("--batch-size", type=int, default=100, help="samples per batch")
+    a("--threads", type=int, default=1, help="BLAS threads for the float32 layers")
+    a("--json", default=None, metavar="PATH", help="write the comparison as JSON ('-': stdout)")
+    a("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
+    a("--no-progress", action="store_true", help="no progress bar on stderr")
+    return ap
+
+
+def _images(args, classes: int):
+    if args.images == VALIDATION:
+        if args.format != "cifar10":
+            raise UsageError(f"--images validation is the CIFAR-10 split; give a file for "
+                             f"--format {args.format}")
+        path = resolve_images(VAL_FILE, args.fetch)
+        x, y = _labelled(path, "cifar10", None, classes, "--images")
+        if len(x) != 2 * VAL_START:
+            raise UsageError(f"--images validation: {path} holds {len(x)} records, expected "
+                             f"{2 * VAL_START}")
+        x, y, offset = x[VAL_START:], y[VAL_START:], VAL_START
+    else:
+        path = resolve_images(args.images, args.fetch)
+        x, y = _labelled(path, args.format, None, classes, "--images")
+        offset = 0
+    sl = parse_range(args.range, len(x)) if args.range else slice(0, len(x))
+    return f"{path}[{offset + sl.start}:{offset + sl.stop}]", x[sl], y[sl]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+        for r in rules:
+            try:
+                calibrate.parse_rule(r)
+            except ValueError as exc:
+                raise UsageError(f"--rules: {exc}") from None
+        for opt, v in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+            if v < 1:
+                raise UsageError(f"{opt}: expected a positive integer, got {v}")
+        if args.json:
+            check_destination(args.json, "--json")
+        models = [load_model(p) for p in args.weights]
+        (pa, ma), (pb, mb) = zip(args.weights, models)
+        if ma.spec.num_classes != mb.spec.num_classes or len(ma.exits) != len(mb.exits):
+            raise UsageError(f"{pa} and {pb}: not comparable: {ma.spec.num_classes} vs "
+                             f"{mb.spec.num_classes} classes, {len(ma.exits)} vs "
+                             f"{len(mb.exits)} early exits (expected the same)")
+        name, x, y = _images(args, ma.spec.num_classes)
+        on = None if not args.no_progress else False
+        outs = []
+        with threadpool_limits(args.threads):
+            for tag, m in (("A", ma), ("B", mb)):
+                with Progress(len(x), tag, enabled=on) as bar:
+                    outs.append(engine.outputs(m, x, make_executor(m, args.backend),
+                                               args.batch_size, bar))
+        doc = {"a": pa, "b": pb, "images": name, "samples": int(len(y)),
+               "rules": compare_outputs(outs[0], outs[1], y, rules)}
+    except (WeightsError, SpecError, UsageError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(doc), file=sys.stderr if args.json == "-" else sys.stdout)
+    return emit_json(doc, args.json) if args.json else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
