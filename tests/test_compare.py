@@ -73,6 +73,7 @@ def test_command_rows_replay_algorithm_1_with_each_files_thresholds(files, capsy
     assert code == 0, err
     doc = json.loads(out)
     assert "only A" in err and doc["samples"] == 30 and doc["images"].endswith("ims.bin[5:35]")
+    assert doc["calibration"] is None and "calibrated per file on them" in err
     x, y = random_images(40, seed=3)[5:35], labels[5:35]
     outs = {}
     for tag, path in (("a", a), ("b", b)):
@@ -92,6 +93,32 @@ def test_command_rows_replay_algorithm_1_with_each_files_thresholds(files, capsy
         assert r["edge"] == compare.paired(verdict["a"][1], verdict["b"][1])
     assert doc["rules"][0]["edge"]["both"] == 0  # no exit: nobody leaves
     assert doc["rules"][2]["a"]["edge_fraction"] <= 0.5
+
+
+def test_held_out_calibration_takes_the_thresholds_from_the_calibration_set(files, capsys):
+    """--calib FILE --calib-range: each file's thresholds are those calibrate() picks on the
+    calibration records, and the compared images are scored with them."""
+    a, b, ims, labels, tmp = files
+    cal = write_cifar10(tmp / "cal.bin", random_images(30, seed=9), (np.arange(30) * 7) % 10)
+    code, out, err = run(["--weights", a, b, "--images", ims, "--calib", cal, "--calib-range",
+                          "4:26", "--rules", "within:1,exits:40", "--backend", "reference",
+                          "--json", "-", "--no-progress"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["calibration"]["samples"] == 22 and doc["calibration"]["images"].endswith("[4:26]")
+    assert "cal.bin[4:26] (22)" in err
+    cx, cy = random_images(30, seed=9)[4:26], ((np.arange(30) * 7) % 10)[4:26]
+    x = random_images(40, seed=3)
+    for tag, path in (("a", a), ("b", b)):
+        m = load_model(path)
+        c_out = engine.outputs(m, cx, ReferenceExecutor(m))
+        e_out = engine.outputs(m, x, ReferenceExecutor(m))
+        for r in doc["rules"][1:]:
+            thr = calibrate.calibrate(c_out, cy, r["rule"])
+            assert r[tag]["thresholds"] == thr
+            acc, fr = calibrate.conditional(e_out, labels, thr)
+            assert r[tag]["accuracy"] == pytest.approx(acc)
+            assert r[tag]["edge_fraction"] == pytest.approx(sum(fr))
 
 
 def test_a_file_against_itself_and_swapped_files(files, capsys):
@@ -118,8 +145,9 @@ def test_a_file_against_itself_and_swapped_files(files, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--rules", "within:x"], "--rules"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--range", "30:10"], "0 <= A < B <= 40"),
-    (["--range", "7"], "expected A:B"),
+    (["--range", "30:10"], "--range 30:10: expected 0 <= A < B <= 40"),
+    (["--range", "7"], "--range: expected A:B"),
+    (["--calib-range", "0:10"], "needs --calib validation or a file"),
 ])
 def test_option_errors(files, capsys, extra, message):
     a, b, ims, _, _ = files

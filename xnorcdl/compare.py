@@ -15,11 +15,13 @@ equally accurate) gives the two-sided p-value
 The same counts and test are given for leaving at the edge. A paired test sees differences that
 the two accuracies' own standard errors hide, since most samples are right (or wrong) for both.
 
-The thresholds are calibrated on the compared images themselves (in-sample operating points):
-each file gets the same advantage, so the comparison is fair, but the figures are not those a
-held-out set would give (``python -m xnorcdl.tradeoff`` separates the two). The default images
-are the recipe's validation split (CIFAR-10 training images 45000..49999); ``--range A:B``
-takes records A..B-1 of them.
+By default the thresholds are calibrated on the compared images themselves (in-sample
+operating points: each file gets the same advantage, so the comparison is fair, but the figures
+are not those a held-out set would give). ``--calib validation|FILE [--calib-range A:B]``
+calibrates them on another labelled set instead, as ``python -m xnorcdl.tradeoff`` does, e.g.
+on the validation split to compare two files on the test images as they would be deployed. The
+default images are the recipe's validation split (CIFAR-10 training images 45000..49999);
+``--range A:B`` takes records A..B-1 of them.
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ from .progress import Progress
 from .records import DataError
 from .report import check_destination, emit_json
 from .spec import SpecError
-from .tradeoff import VAL_FILE, VAL_START, VALIDATION, _labelled, parse_range
+from .tradeoff import VAL_FILE, VAL_START, VALIDATION, _calib_set, _labelled, parse_range
 
 NO_EXIT = "no exit"
+SAME = "same"
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -65,17 +68,21 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
             "neither": int((~a & ~b).sum()), "p_value": mcnemar_exact(n10, n01)}
 
 
-def compare_outputs(outs_a, outs_b, labels: np.ndarray, rules: List[str]) -> List[dict]:
+def compare_outputs(outs_a, outs_b, labels: np.ndarray, rules: List[str],
+                    calib=None) -> List[dict]:
     """One row per rule (and one for the head alone): both files' thresholds, accuracy and edge
-    fraction, and the paired counts of being right and of leaving at the edge."""
+    fraction, and the paired counts of being right and of leaving at the edge. The thresholds
+    are calibrated on (``outs_*``, ``labels``), or on ``calib = (cal_a, cal_b, cal_labels)``."""
     labels = np.asarray(labels)
+    cal = {"a": outs_a, "b": outs_b, "y": labels} if calib is None else \
+        {"a": calib[0], "b": calib[1], "y": np.asarray(calib[2])}
     rows = []
     for rule in [NO_EXIT] + list(rules):
         row = {"rule": rule}
         correct, edge = {}, {}
         for name, outs in (("a", outs_a), ("b", outs_b)):
             thr = ([0.0] * (len(outs) - 1) if rule == NO_EXIT
-                   else calibrate.calibrate(outs, labels, rule))
+                   else calibrate.calibrate(cal[name], cal["y"], rule))
             pred, where = calibrate.decide(outs, thr)
             correct[name], edge[name] = pred == labels, where != engine.FINAL
             row[name] = {"thresholds": thr, "accuracy": float(correct[name].mean()),
@@ -89,7 +96,9 @@ def compare_outputs(outs_a, outs_b, labels: np.ndarray, rules: List[str]) -> Lis
 def format_table(doc: dict) -> str:
     w = max([10] + [len(r["rule"]) for r in doc["rules"]])
     lines = [f"A {doc['a']}", f"B {doc['b']}",
-             f"images {doc['images']} ({doc['samples']}), thresholds calibrated on them per file",
+             f"images {doc['images']} ({doc['samples']}), thresholds calibrated per file on "
+             + ("them" if doc["calibration"] is None else
+                f"{doc['calibration']['images']} ({doc['calibration']['samples']})"),
              "",
              f"{'rule':<{w}} | {'A acc':>7} {'B acc':>7} {'only A':>6} {'only B':>6} "
              f"{'p':>7} | {'A exits':>7} {'B exits':>7} {'only A':>6} {'only B':>6} {'p':>7}"]
@@ -112,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--images", default=VALIDATION,
       help="labelled records; 'validation': CIFAR-10 training images 45000..49999")
     a("--range", default=None, metavar="A:B", help="compare on records A..B-1 only")
+    a("--calib", default=SAME,
+      help="labelled records the thresholds are calibrated on: 'same' (the compared images), "
+           "'validation' (CIFAR-10 training images 45000..49999) or a file")
+    a("--calib-range", default=None, metavar="A:B",
+      help="with --calib validation|FILE: calibrate on records A..B-1 of it only")
     a("--format", default="cifar10", choices=["cifar10", "cifar100"])
     a("--rules", default="accuracy:89.16,exits:59.3,within:0.5",
       help="comma-separated threshold rules (xnorcdl.calibrate)")
@@ -139,7 +153,7 @@ def _images(args, classes: int):
         path = resolve_images(args.images, args.fetch)
         x, y = _labelled(path, args.format, None, classes, "--images")
         offset = 0
-    sl = parse_range(args.range, len(x)) if args.range else slice(0, len(x))
+    sl = parse_range(args.range, len(x), "--range") if args.range else slice(0, len(x))
     return f"{path}[{offset + sl.start}:{offset + sl.stop}]", x[sl], y[sl]
 
 
@@ -163,16 +177,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UsageError(f"{pa} and {pb}: not comparable: {ma.spec.num_classes} vs "
                              f"{mb.spec.num_classes} classes, {len(ma.exits)} vs "
                              f"{len(mb.exits)} early exits (expected the same)")
+        if args.calib == SAME and args.calib_range is not None:
+            raise UsageError("--calib-range: needs --calib validation or a file (with --calib "
+                             "same the thresholds come from the compared images, see --range)")
         name, x, y = _images(args, ma.spec.num_classes)
+        sets = [("", x)]
+        cal_doc = None
+        if args.calib != SAME:
+            cal_name, cal_x, cal_y = _calib_set(args, ma.spec.num_classes)
+            sets.append(("calibration ", cal_x))
+            cal_doc = {"images": cal_name, "samples": int(len(cal_y))}
         on = None if not args.no_progress else False
-        outs = []
+        outs = {}
         with threadpool_limits(args.threads):
             for tag, m in (("A", ma), ("B", mb)):
-                with Progress(len(x), tag, enabled=on) as bar:
-                    outs.append(engine.outputs(m, x, make_executor(m, args.backend),
-                                               args.batch_size, bar))
-        doc = {"a": pa, "b": pb, "images": name, "samples": int(len(y)),
-               "rules": compare_outputs(outs[0], outs[1], y, rules)}
+                ex = make_executor(m, args.backend)
+                for what, images in sets:
+                    with Progress(len(images), what + tag, enabled=on) as bar:
+                        outs[what + tag] = engine.outputs(m, images, ex, args.batch_size, bar)
+        calib = None if cal_doc is None else (outs["calibration A"], outs["calibration B"], cal_y)
+        doc = {"a": pa, "b": pb, "images": name, "samples": int(len(y)), "calibration": cal_doc,
+               "rules": compare_outputs(outs["A"], outs["B"], y, rules, calib)}
     except (WeightsError, SpecError, UsageError, DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

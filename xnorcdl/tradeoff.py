@@ -78,8 +78,9 @@ def _labelled(path: str, fmt: str, limit: Optional[int], classes: int, what: str
     return images, labels
 
 
-def parse_range(text: str, n: int) -> slice:
-    """``A:B`` (either side may be empty) -> slice(A, B), checked 0 <= A < B <= n."""
+def parse_range(text: str, n: int, option: str = "--calib-range") -> slice:
+    """``A:B`` (either side may be empty) -> slice(A, B), checked 0 <= A < B <= n; errors name
+    ``option``."""
     parts = text.split(":")
     try:
         if len(parts) != 2:
@@ -87,10 +88,10 @@ def parse_range(text: str, n: int) -> slice:
         a = int(parts[0]) if parts[0].strip() else 0
         b = int(parts[1]) if parts[1].strip() else n
     except ValueError:
-        raise UsageError(f"--calib-range: expected A:B (record indices), got {text!r}") from None
+        raise UsageError(f"{option}: expected A:B (record indices), got {text!r}") from None
     if not 0 <= a < b <= n:
-        raise UsageError(f"--calib-range {text}: expected 0 <= A < B <= {n} (the calibration "
-                         f"set holds {n} records)")
+        raise UsageError(f"{option} {text}: expected 0 <= A < B <= {n} (the set holds {n} "
+                         "records)")
     return slice(a, b)
 
 
