@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from scipy import stats as scipy_stats  # the test extra's oracle for McNemar's exact p
 
 from conftest import make_spec, random_images
 from test_infer import write_cifar10
@@ -23,10 +24,16 @@ from xnorcdl.model import load_model
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 400), st.integers(0, 400))
 def test_mcnemar_exact_is_the_two_sided_binomial_test(a, b):
-    scipy_stats = pytest.importorskip("scipy.stats")
     want = 1.0 if a + b == 0 else scipy_stats.binomtest(a, a + b, 0.5).pvalue
     assert compare.mcnemar_exact(a, b) == pytest.approx(want, rel=1e-9, abs=1e-300)
     assert compare.mcnemar_exact(a, b) == compare.mcnemar_exact(b, a)
+
+
+@pytest.mark.parametrize("a, b", [(4900, 5100), (5000, 5000), (30, 9000)])
+def test_mcnemar_exact_at_test_set_sizes(a, b):
+    """Exact at the sizes of whole test sets, in well under a second each."""
+    assert compare.mcnemar_exact(a, b) == pytest.approx(scipy_stats.binomtest(a, a + b).pvalue,
+                                                        rel=1e-9, abs=1e-300)
 
 
 def test_mcnemar_small_cases_by_hand_and_large_counts():

@@ -26,7 +26,6 @@ default images are the recipe's validation split (CIFAR-10 training images 45000
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import List, Optional
 
@@ -54,7 +53,10 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     n = only_a + only_b
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    tail = term = 1                                 # sum of C(n, i), i <= min, as integers
+    for i in range(min(only_a, only_b)):
+        term = term * (n - i) // (i + 1)            # C(n, i + 1), exact
+        tail += term
     return min(1.0, 2 * tail / (1 << n))  # exact integers, one correctly rounded division
 
 
