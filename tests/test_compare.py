@@ -151,7 +151,9 @@ def test_a_file_against_itself_and_swapped_files(files, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--rules", "within:x"], "--rules"),
+    (["--rules", ","], "at least one rule"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--threads", "0"], "--threads"),
     (["--range", "30:10"], "--range 30:10: expected 0 <= A < B <= 40"),
     (["--range", "7"], "--range: expected A:B"),
     (["--calib-range", "0:10"], "needs --calib validation or a file"),

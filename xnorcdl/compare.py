@@ -34,13 +34,13 @@ from threadpoolctl import threadpool_limits
 
 from . import calibrate, engine
 from .format import WeightsError
-from .infer import UsageError, make_executor, resolve_images
+from .infer import UsageError, make_executor
 from .model import load_model
 from .progress import Progress
 from .records import DataError
 from .report import check_destination, emit_json
 from .spec import SpecError
-from .tradeoff import VAL_FILE, VAL_START, VALIDATION, _calib_set, _labelled, parse_range
+from .tradeoff import VALIDATION, check_positive, labelled_set, parse_rules
 
 NO_EXIT = "no exit"
 SAME = "same"
@@ -140,37 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _images(args, classes: int):
-    if args.images == VALIDATION:
-        if args.format != "cifar10":
-            raise UsageError(f"--images validation is the CIFAR-10 split; give a file for "
-                             f"--format {args.format}")
-        path = resolve_images(VAL_FILE, args.fetch)
-        x, y = _labelled(path, "cifar10", None, classes, "--images")
-        if len(x) != 2 * VAL_START:
-            raise UsageError(f"--images validation: {path} holds {len(x)} records, expected "
-                             f"{2 * VAL_START}")
-        x, y, offset = x[VAL_START:], y[VAL_START:], VAL_START
-    else:
-        path = resolve_images(args.images, args.fetch)
-        x, y = _labelled(path, args.format, None, classes, "--images")
-        offset = 0
-    sl = parse_range(args.range, len(x), "--range") if args.range else slice(0, len(x))
-    return f"{path}[{offset + sl.start}:{offset + sl.stop}]", x[sl], y[sl]
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-        for r in rules:
-            try:
-                calibrate.parse_rule(r)
-            except ValueError as exc:
-                raise UsageError(f"--rules: {exc}") from None
-        for opt, v in (("--batch-size", args.batch_size), ("--threads", args.threads)):
-            if v < 1:
-                raise UsageError(f"{opt}: expected a positive integer, got {v}")
+        rules = parse_rules(args.rules)
+        check_positive(args, "--batch-size", "--threads")
         if args.json:
             check_destination(args.json, "--json")
         models = [load_model(p) for p in args.weights]
@@ -182,11 +156,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.calib == SAME and args.calib_range is not None:
             raise UsageError("--calib-range: needs --calib validation or a file (with --calib "
                              "same the thresholds come from the compared images, see --range)")
-        name, x, y = _images(args, ma.spec.num_classes)
+        classes = ma.spec.num_classes
+        name, x, y = labelled_set(args.images, args.range, "--images", "--range", args.format,
+                                  args.fetch, classes)
         sets = [("", x)]
         cal_doc = None
         if args.calib != SAME:
-            cal_name, cal_x, cal_y = _calib_set(args, ma.spec.num_classes)
+            cal_name, cal_x, cal_y = labelled_set(args.calib, args.calib_range, "--calib",
+                                                  "--calib-range", args.format, args.fetch,
+                                                  classes)
             sets.append(("calibration ", cal_x))
             cal_doc = {"images": cal_name, "samples": int(len(cal_y))}
         on = None if not args.no_progress else False

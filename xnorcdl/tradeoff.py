@@ -95,26 +95,50 @@ def parse_range(text: str, n: int, option: str = "--calib-range") -> slice:
     return slice(a, b)
 
 
-def _calib_set(args, classes: int):
-    """(name, images, labels) of the calibration set: --calib, then --calib-range of it."""
-    if args.calib != VALIDATION:
-        path = resolve_images(args.calib, args.fetch)
-        images, labels = _labelled(path, args.format, None, classes, "--calib")
+def labelled_set(which: str, rng: Optional[str], option: str, range_option: str, fmt: str,
+                 fetch: bool, classes: int):
+    """(name, images, labels) of a labelled set given as ``option``: a record file, or
+    ``validation`` (CIFAR-10 training images 45000..49999); then records A..B-1 of it when
+    ``rng`` is ``A:B`` (errors name ``range_option``)."""
+    if which != VALIDATION:
+        path = resolve_images(which, fetch)
+        images, labels = _labelled(path, fmt, None, classes, option)
         offset = 0
     else:
-        if args.format != "cifar10":
-            raise UsageError("--calib validation is the CIFAR-10 split; give --calib FILE for "
-                             f"--format {args.format}")
-        path = resolve_images(VAL_FILE, args.fetch)
-        images, labels = _labelled(path, "cifar10", None, classes, "--calib")
+        if fmt != "cifar10":
+            raise UsageError(f"{option} validation is the CIFAR-10 split; give {option} FILE for "
+                             f"--format {fmt}")
+        path = resolve_images(VAL_FILE, fetch)
+        images, labels = _labelled(path, "cifar10", None, classes, option)
         if len(images) != 2 * VAL_START:
-            raise UsageError(f"--calib validation: {path} holds {len(images)} records, expected "
+            raise UsageError(f"{option} validation: {path} holds {len(images)} records, expected "
                              f"{2 * VAL_START}")
         images, labels, offset = images[VAL_START:], labels[VAL_START:], VAL_START
-    if args.calib_range is None:
+    if rng is None:
         return (f"{path}[{offset}:]" if offset else path), images, labels
-    sl = parse_range(args.calib_range, len(images))
+    sl = parse_range(rng, len(images), range_option)
     return f"{path}[{offset + sl.start}:{offset + sl.stop}]", images[sl], labels[sl]
+
+
+def parse_rules(text: str) -> List[str]:
+    """The comma-separated threshold rules of ``--rules``, each checked (at least one)."""
+    rules = [r.strip() for r in text.split(",") if r.strip()]
+    if not rules:
+        raise UsageError("--rules: expected at least one rule")
+    for r in rules:
+        try:
+            calibrate.parse_rule(r)
+        except ValueError as exc:
+            raise UsageError(f"--rules: {exc}") from None
+    return rules
+
+
+def check_positive(args, *options: str) -> None:
+    """Refuse an integer option (``--batch-size``, ...) below 1."""
+    for opt in options:
+        v = getattr(args, opt.lstrip("-").replace("-", "_"))
+        if v < 1:
+            raise UsageError(f"{opt}: expected a positive integer, got {v}")
 
 
 def _row(rule: str, thr: List[float], model, table, sets) -> dict:
@@ -173,17 +197,8 @@ def format_table(doc: dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-        if not rules:
-            raise UsageError("--rules: expected at least one rule")
-        for r in rules:
-            try:
-                calibrate.parse_rule(r)
-            except ValueError as exc:
-                raise UsageError(f"--rules: {exc}") from None
-        for opt, v in (("--batch-size", args.batch_size), ("--threads", args.threads)):
-            if v < 1:
-                raise UsageError(f"{opt}: expected a positive integer, got {v}")
+        rules = parse_rules(args.rules)
+        check_positive(args, "--batch-size", "--threads")
         for opt, dest in (("--json", args.json), ("--write", args.write)):
             if dest:
                 check_destination(dest, opt)
@@ -192,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UsageError(f"{args.weights}: the model has no early exit; nothing to calibrate")
         table = load_energy_table(args.energy)
         classes = model.spec.num_classes
-        cal_path, cal_x, cal_y = _calib_set(args, classes)
+        cal_path, cal_x, cal_y = labelled_set(args.calib, args.calib_range, "--calib",
+                                              "--calib-range", args.format, args.fetch, classes)
         ev_path = resolve_images(args.images, args.fetch)
         ev_x, ev_y = _labelled(ev_path, args.format, args.limit, classes, "--images")
         executor = make_executor(model, args.backend)

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,9 +50,9 @@ def _network(spec: ModelSpec) -> dict:
     return d
 
 
-def soup_arrays(paths: List[str]) -> Dict[str, np.ndarray]:
-    """The mean over ``paths`` of every array but the BN running statistics (taken from the
-    first file); refuses files that describe different networks."""
+def soup_arrays(paths: List[str]) -> Tuple[ModelSpec, Dict[str, np.ndarray]]:
+    """The first file's description, and the mean over ``paths`` of every array but the BN
+    running statistics (taken from the first file); refuses files of different networks."""
     first_spec, first = load_weights(paths[0])
     net = _network(first_spec)
     total = {k: v.astype(np.float64) for k, v in first.items() if not k.endswith(RUNNING)}
@@ -67,7 +67,7 @@ def soup_arrays(paths: List[str]) -> Dict[str, np.ndarray]:
             total[k] += arrays[k]
     out = dict(first)
     out.update({k: (v / len(paths)).astype(first[k].dtype) for k, v in total.items()})
-    return out
+    return first_spec, out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -92,10 +92,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("error: --out must differ from every --weights file")
     torch.set_num_threads(args.threads)
     try:
-        arrays = soup_arrays(args.weights)
+        spec, arrays = soup_arrays(args.weights)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    spec, _ = load_weights(args.weights[0])
     model = HybridResNet(spec)
     with torch.no_grad():
         for k, t in named_tensors(model).items():
