@@ -1,7 +1,8 @@
 """Per-layer convolution benchmark: every distinct 3x3 conv shape of ResNet-32 at batch 1.
 
 For each shape: the binary XNOR-popcount kernel, the 2- and 4-bit kernels (bit-plane popcount,
-direct int16, BLAS GEMM over codes), the float32 kernel (im2col + BLAS, BN folded), against NumPy
+direct int16, BLAS GEMM over codes), the float32 kernel (im2col + BLAS, BN folded; for the stem
+also the fixed-order kernel the edge uses, kernels/ordered.py), against NumPy
 float32 im2col + GEMM (``kernels/reference.py::conv2d``) and PyTorch ``conv2d`` (1 thread), all
 timed interleaved in one run. Every kernel is first checked against the reference (exact for the
 quantized ones). Our kernels include their BN/quantize/scale work; the peers do the bare conv.
@@ -61,6 +62,10 @@ def contenders(c, o, side, stride, seed, with_torch):
     want_f = ref.float_conv_bn(x, w, o_s, o_t, stride, 1)
     out["float32 gemm"] = (lambda: fl(x), lambda: np.allclose(fl(x), want_f, atol=1e-4))
     out["numpy im2col+gemm"] = (lambda: ref.conv2d(x, w, stride, 1), lambda: True)
+    if c == 3:      # the stem runs at the edge with its taps summed in a fixed order
+        fo = FloatGemmConv(w, o_s, o_t, stride, 1, fold_bn=False)
+        want_o = ref.float_conv_bn(x, w, o_s, o_t, stride, 1, ordered=True)
+        out["float32 ordered"] = (lambda: fo(x), lambda: np.array_equal(fo(x), want_o))
     if with_torch:
         import torch
         torch.set_num_threads(1)

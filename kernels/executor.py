@@ -8,12 +8,13 @@ head reuse the reference's pooling and linear code.
 
 Agreement with :class:`xnorcdl.executor.ReferenceExecutor`:
 
-* **Edge, bit for bit.** The stem runs the reference's own GEMM (same operands, same
-  ``np.matmul``) and then BN and ReLU in float32 in the same order, so its output is identical
-  (given the same BLAS); every quantized conv is exact by construction; residual additions,
-  zero-pad shortcuts and edge 1x1 shortcut convs (unfolded, like the stem) are the same float32
-  operations; exits and head are the reference functions. So edge outputs, exit logits, entropies
-  and exit decisions are identical.
+* **Edge, bit for bit, on every machine.** The stem sums its taps in the reference's fixed order
+  (:mod:`~xnorcdl.kernels.ordered`, not BLAS) and then applies BN and ReLU in float32 in the
+  same order; every quantized conv is exact by construction; residual additions, zero-pad
+  shortcuts and edge 1x1 shortcut convs (unfolded and ordered, like the stem) are the same
+  float32 operations; exits pool in the reference's order and sum their features in its fixed
+  order. So edge outputs, exit logits, entropies and exit decisions are identical, whatever
+  BLAS kernel the processor gets.
 * **Cloud, within float32 rounding.** Cloud convs fold BN into the GEMM (one sgemm with a bias
   column), which rounds differently; see :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`.
 """
@@ -28,6 +29,7 @@ from xnorcdl.model import Block, FloatConv, Model, QuantConv
 from .binaryblock import BinaryBlock
 from .bitconv import BitConv
 from .gemmconv import FloatGemmConv
+from .ordered import ordered_linear
 from .registry import quant_kernel_for
 
 
@@ -146,6 +148,9 @@ class FastExecutor:
         self.std = np.ascontiguousarray(model.std, dtype=np.float32)
         self.stem_conv = _float_conv(model.stem, exact=True)
         self.blocks = [_PreparedBlock(blk) for blk in model.blocks]
+        self.exit_weight_t = [np.ascontiguousarray(e.weight.T, dtype=np.float32)
+                              for e in model.exits]
+        self.exit_bias = [np.ascontiguousarray(e.bias, dtype=np.float32) for e in model.exits]
 
     def stem(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images)
@@ -165,7 +170,8 @@ class FastExecutor:
         n, c, h, w = x.shape
         f = np.empty((n, c * (h // layer.pool) * (w // layer.pool)), np.float32)
         avg_pool_flat(x, layer.pool, f)
-        return f @ layer.weight.T + layer.bias          # the reference's own product
+        out = np.empty((n, self.exit_bias[k].shape[0]), np.float32)
+        return ordered_linear(f, self.exit_weight_t[k], self.exit_bias[k], out)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return reference_executor.linear(x, self.model.head)

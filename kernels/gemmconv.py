@@ -6,7 +6,8 @@ rows ordered (c, ky, kx) like ``w.reshape(O, K)``, then ``out[n] = Wmat @ cols[n
 one BLAS sgemm per sample). The padded image and cols buffers are kept per input shape and
 reused across calls (an instance is therefore not for concurrent use from several threads).
 
-* :class:`FloatGemmConv`: the float32 conv + BN of cloud layers and of the stem.
+* :class:`FloatGemmConv`: the float32 conv + BN of cloud layers (BLAS) and of the stem and the
+  edge 1x1 shortcuts (fixed summation order, :mod:`xnorcdl.kernels.ordered`).
 * :class:`CodeGemmConv`: a QuanConv computed exactly as a float32 GEMM over integer codes.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from xnorcdl import quant
 
+from .ordered import ordered_gemm
 from .quantize import batchnorm, kbit_level, kbit_step
 
 
@@ -145,12 +147,15 @@ class _GemmConv:
             buf = self._buffers[shape] = (xp, cols)
         return buf
 
-    def _gemm(self, xp, cols, wmat, x_shape, out):
+    def _gemm(self, xp, cols, wmat, x_shape, out, ordered=False):
         n, o_n, ho, wo = self.output_shape(x_shape)
         im2col(xp, self.k, self.stride, ho, wo, cols)
         if out is None:
             out = np.empty((n, o_n, ho, wo), np.float32)
-        np.matmul(wmat, cols, out=out.reshape(n, o_n, ho * wo))
+        if ordered:
+            ordered_gemm(wmat, cols, out.reshape(n, o_n, ho * wo))
+        else:
+            np.matmul(wmat, cols, out=out.reshape(n, o_n, ho * wo))
         return out
 
 
@@ -161,10 +166,11 @@ class FloatGemmConv(_GemmConv):
     and the bias ``shift[o]`` rides in the GEMM as an extra column against a row of ones, so a
     call is one im2col and one sgemm (plus ReLU if asked).
 
-    ``fold_bn=False`` (the stem): the GEMM runs on the unscaled weights with exactly the operands
-    of :func:`xnorcdl.kernels.reference.conv2d` (same ``np.matmul`` shapes, same im2col values)
-    and BN follows as ``y * scale + shift`` in float32, so with the same BLAS the result is the
-    reference's, bit for bit; the quantized layers after the stem then see identical inputs.
+    ``fold_bn=False`` (the stem and edge 1x1 shortcuts): the unscaled weights, the taps summed in
+    the fixed order of :func:`xnorcdl.kernels.reference.ordered_matmul`
+    (:func:`~xnorcdl.kernels.ordered.ordered_gemm`), then BN as ``y * scale + shift`` in float32:
+    the reference's ``float_conv_bn(..., ordered=True)`` bit for bit on every machine, so the
+    quantized layers after it see identical inputs.
 
     Tolerance of the folded form against ``reference.float_conv_bn``: both are float32 dot
     products of length K (K + 1 here) summed in different orders, and the fold rounds
@@ -205,7 +211,7 @@ class FloatGemmConv(_GemmConv):
         return self._scratch(tuple(x_shape))
 
     def run_padded(self, xp, cols, x_shape, relu=False, out=None):
-        out = self._gemm(xp, cols, self.wmat, x_shape, out)
+        out = self._gemm(xp, cols, self.wmat, x_shape, out, ordered=not self.fold_bn)
         y = out.reshape(out.shape[0], out.shape[1], -1)
         if not self.fold_bn:
             affine_channels(y, self.bn_scale, self.bn_shift, relu)

@@ -3,6 +3,8 @@
 Layout is channels-first, ``x[N, C, H, W]`` and ``w[O, C, kh, kw]``. Convolution is im2col
 followed by one matrix product; with float64 operands holding small integers (codes) the
 products and sums are exact, which is how :func:`quant_conv` gets its exact integer sums.
+Float products at the edge sum in a fixed order (:func:`ordered_matmul`, ``ordered=True``), so
+they do not depend on the BLAS kernel a processor gets (:mod:`xnorcdl.kernels.ordered`).
 """
 from __future__ import annotations
 
@@ -27,12 +29,24 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int) -> np.ndarray
     return cols.reshape(n, c * kh * kw, ho * wo)
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pad: int = 0) -> np.ndarray:
-    """Cross-correlation with zero padding, no bias; result in the operands' dtype."""
+def ordered_matmul(w: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """[O, K] x [N, K, P] -> [N, O, P]: ``sum_k w[o, k] cols[n, k, p]`` added for k = 0..K-1 in
+    order, every product and partial sum rounded to the operands' dtype (one ufunc each)."""
+    acc = w[None, :, 0, None] * cols[:, None, 0, :]
+    for k in range(1, w.shape[1]):
+        acc += w[None, :, k, None] * cols[:, None, k, :]
+    return acc
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pad: int = 0,
+           ordered: bool = False) -> np.ndarray:
+    """Cross-correlation with zero padding, no bias; result in the operands' dtype. The product
+    is one ``np.matmul`` (BLAS's summation order), or :func:`ordered_matmul` when ordered."""
     n, _, h, wd = x.shape
     o, c, kh, kw = w.shape
     cols = im2col(x, kh, kw, stride, pad)
-    y = np.matmul(w.reshape(o, c * kh * kw).astype(x.dtype), cols)
+    wmat = w.reshape(o, c * kh * kw).astype(x.dtype)
+    y = ordered_matmul(wmat, cols) if ordered else np.matmul(wmat, cols)
     return y.reshape(n, o, out_size(h, kh, stride, pad), out_size(wd, kw, stride, pad))
 
 
@@ -56,6 +70,15 @@ def quant_conv(x: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray, w_code
 
 
 def float_conv_bn(x: np.ndarray, w: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray,
-                  stride: int, pad: int) -> np.ndarray:
-    """float32 conv followed by inference BN."""
-    return batchnorm(conv2d(x.astype(np.float32), w, stride, pad), bn_scale, bn_shift)
+                  stride: int, pad: int, ordered: bool = False) -> np.ndarray:
+    """float32 conv (taps summed in a fixed order when ordered) followed by inference BN."""
+    return batchnorm(conv2d(x.astype(np.float32), w, stride, pad, ordered), bn_scale, bn_shift)
+
+
+def ordered_linear(f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``f [N, K] -> [N, O]``: ``sum_k f[n, k] weight[o, k]`` for k = 0..K-1 in order, then
+    ``+ bias[o]``; every operation rounded to float32 (the edge's exits)."""
+    acc = f[:, 0, None] * weight[None, :, 0]
+    for k in range(1, f.shape[1]):
+        acc += f[:, k, None] * weight[None, :, k]
+    return acc + bias

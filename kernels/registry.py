@@ -5,7 +5,8 @@ Quantized kernels (:data:`QUANT_KERNELS`) all take the prepared-layer arguments 
 ``reference.quant_conv`` bit for bit on the precisions they list. Float kernels
 (:data:`FLOAT_KERNELS`) take ``build(weight, bn_scale, bn_shift, stride, pad)`` and must stay
 within the float32 bound documented in :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`
-(``exact`` marks the variant that reproduces the reference's operations one for one).
+(``exact`` marks the variant that reproduces the reference's ``ordered=True`` operations one for
+one).
 
 :func:`quant_kernel_for` is the choice the fast executor makes per layer; benchmarks/RESULTS.md
 holds the measurements behind it.
@@ -56,9 +57,9 @@ FLOAT_KERNELS: Dict[str, Kernel] = {k.name: k for k in (
     Kernel("gemm_blas_folded", (32,),
            lambda w, s, t, stride, pad: FloatGemmConv(w, s, t, stride, pad, fold_bn=True), False,
            "float32 im2col + BLAS sgemm, BN folded into weights and a bias column"),
-    Kernel("gemm_blas_unfolded", (32,),
+    Kernel("gemm_ordered_unfolded", (32,),
            lambda w, s, t, stride, pad: FloatGemmConv(w, s, t, stride, pad, fold_bn=False), True,
-           "float32 im2col + BLAS sgemm as the reference does it, then BN"),
+           "float32 im2col + taps summed in a fixed order (the edge's float convs), then BN"),
 )}
 
 

@@ -11,6 +11,10 @@ free to keep activations in any layout (packed, channels-last) between calls:
 
 :class:`ReferenceExecutor` is the plain NumPy path, channels-first, written to be read: the
 oracle every faster backend is compared with.
+
+The edge's float layers (stem, edge 1x1 shortcut convs, exits) sum their products in a fixed
+order (``ordered=True``, :mod:`xnorcdl.kernels.ordered`), so the edge and every exit decision
+are the same bits on every machine; the cloud's convs and the head use BLAS.
 """
 from __future__ import annotations
 
@@ -36,37 +40,40 @@ def avg_pool(x: np.ndarray, k: int) -> np.ndarray:
     return x.sum(axis=5, dtype=np.float32).sum(axis=3, dtype=np.float32) / np.float32(k * k)
 
 
-def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
-    """Exit (pool 3, flatten (c, h, w)) or head (global average pool), then W f + b."""
+def linear(x: np.ndarray, layer: Linear, ordered: bool = False) -> np.ndarray:
+    """Exit (pool 3, flatten (c, h, w)) or head (global average pool), then W f + b (summed
+    over the features in order when ordered: the exits)."""
     if layer.pool:
         f = avg_pool(x, layer.pool).reshape(x.shape[0], -1)
     else:
         f = x.mean(axis=(2, 3), dtype=np.float32)
+    if ordered:
+        return ref.ordered_linear(f, layer.weight, layer.bias)
     return f @ layer.weight.T + layer.bias
 
 
-def conv(x: np.ndarray, layer) -> np.ndarray:
+def conv(x: np.ndarray, layer, ordered: bool = False) -> np.ndarray:
     if isinstance(layer, QuantConv):
         return ref.quant_conv(x, layer.bn_scale, layer.bn_shift, layer.w_codes, layer.out_scale,
                               layer.bits, layer.v0, layer.stride, layer.pad)
     return ref.float_conv_bn(x, layer.weight, layer.bn_scale, layer.bn_shift,
-                             layer.stride, layer.pad)
+                             layer.stride, layer.pad, ordered)
 
 
-def shortcut(x: np.ndarray, sc: Shortcut) -> np.ndarray:
+def shortcut(x: np.ndarray, sc: Shortcut, ordered: bool = False) -> np.ndarray:
     if sc.kind == "identity":
         return x
     if sc.kind == "zero_pad":
         p = sc.pad_channels
         return np.pad(x[:, :, ::2, ::2], ((0, 0), (p, p), (0, 0), (0, 0)))
-    return conv(x, sc.conv)
+    return conv(x, sc.conv, ordered)
 
 
 def block(x: np.ndarray, blk: Block) -> np.ndarray:
     """Edge: x + Q2(Q1(x)) with no ReLU; cloud: relu(x' + BN(conv(relu(BN(conv(x))))))."""
     if blk.edge:
         t = conv(conv(x, blk.conv1), blk.conv2)
-        return t + shortcut(x, blk.shortcut)
+        return t + shortcut(x, blk.shortcut, ordered=True)
     t = np.maximum(conv(x, blk.conv1), 0)
     t = conv(t, blk.conv2)
     return np.maximum(t + shortcut(x, blk.shortcut), 0)
@@ -82,13 +89,13 @@ class ReferenceExecutor:
 
     def stem(self, images: np.ndarray) -> np.ndarray:
         x = normalize(images, self.model.mean, self.model.std)
-        return np.maximum(conv(x, self.model.stem), 0)
+        return np.maximum(conv(x, self.model.stem, ordered=True), 0)
 
     def block(self, b: int, x: np.ndarray) -> np.ndarray:
         return block(x, self.model.blocks[b])
 
     def exit(self, k: int, x: np.ndarray) -> np.ndarray:
-        return linear(x, self.model.exits[k])
+        return linear(x, self.model.exits[k], ordered=True)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return linear(x, self.model.head)
