@@ -301,16 +301,16 @@ def test_counts_match_an_instrumented_engine_run(monkeypatch, threshold, outcome
     seen = {"valid": 0, "dense": 0, "linear": 0}
     conv2d, linear = ref.conv2d, ex.linear
 
-    def counting_conv2d(x, w, stride=1, pad=0):
-        y = conv2d(x, w, stride, pad)
+    def counting_conv2d(x, w, stride=1, pad=0, ordered=False):
+        y = conv2d(x, w, stride, pad, ordered)
         ones = conv2d(np.ones((1,) + x.shape[1:]), np.ones(w.shape), stride, pad)
         seen["valid"] += int(ones.sum()) * x.shape[0]
         seen["dense"] += int(np.prod(w.shape)) * y.shape[2] * y.shape[3] * x.shape[0]
         return y
 
-    def counting_linear(x, layer):
+    def counting_linear(x, layer, ordered=False):
         seen["linear"] += layer.weight.size * x.shape[0]
-        return linear(x, layer)
+        return linear(x, layer, ordered)
 
     monkeypatch.setattr(ref, "conv2d", counting_conv2d)
     monkeypatch.setattr(ex, "linear", counting_linear)
