@@ -1,9 +1,9 @@
-"""Convolution as im2col + one float32 GEMM through NumPy's BLAS.
+"""Convolution as im2col + one float32 GEMM (NumPy's BLAS, or the edge's fixed-order sum).
 
 Shapes: x ``[N, C, H, W]`` float32, weights ``[O, C, k, k]``, Hp = H + 2 pad, K = C k k,
 P = Ho Wo. The padded image ``[N, C, Hp, Wp]`` is copied once, then ``cols [N, K(+1), P]`` with
 rows ordered (c, ky, kx) like ``w.reshape(O, K)``, then ``out[n] = Wmat @ cols[n]`` (``np.matmul``,
-one BLAS sgemm per sample). The padded image and cols buffers are kept per input shape and
+one BLAS sgemm per sample, or :func:`~xnorcdl.kernels.ordered.ordered_gemm`). The padded image and cols buffers are kept per input shape and
 reused across calls (an instance is therefore not for concurrent use from several threads).
 
 * :class:`FloatGemmConv`: the float32 conv + BN of cloud layers (BLAS) and of the stem and the
