@@ -86,6 +86,21 @@ def test_resume_refuses_other_configuration(tmp_path):
         T.main(_tiny_args(tmp_path, "--lr", "0.05"))
 
 
+def test_uncropped_run_trains_differently_and_is_a_resume_key(tmp_path):
+    """--uncropped reaches the batches (other weights after the same steps), is refused outside
+    [0, 1], and a checkpoint of one value does not resume under another."""
+    base = tmp_path / "base"
+    assert T.main(_tiny_args(base)) == 0
+    assert T.main(_tiny_args(tmp_path, "--uncropped", "1")) == 0
+    _, a = load_weights(str(base / "tiny.npz"))
+    _, b = load_weights(str(tmp_path / "tiny.npz"))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="another configuration"):
+        T.main(_tiny_args(tmp_path, "--uncropped", "0.5"))
+    with pytest.raises(SystemExit, match="--uncropped"):
+        T.main(_tiny_args(tmp_path / "bad", "--uncropped", "1.5"))
+
+
 def test_batched_augmentation_equals_per_image_crops_and_flips():
     """Data.batches gathers the whole batch at once; it must equal cropping and flipping each
     image on its own with the same random draws (permutation, x/y offsets, flips)."""
@@ -105,6 +120,39 @@ def test_batched_augmentation_equals_per_image_crops_and_flips():
             assert torch.equal(imgs[r], want), (b, r)
         assert torch.equal(labels, d.y_train[idx])
     assert imgs.dtype == torch.uint8 and imgs.shape == (16, 3, 32, 32)
+
+
+def test_uncropped_samples_are_the_image_itself_and_zero_changes_nothing():
+    """--uncropped F: with F = 0 the batches are those drawn without the option (same stream);
+    with F = 1 every sample is the image or its mirror; in between, the draws after the flips
+    pick which samples are whole, and the others keep their random crops."""
+    d = B.Data(8, 64, 8, synthetic=True, seed=3)
+    plain = list(d.batches(32, torch.Generator().manual_seed(4)))
+    same = list(d.batches(32, torch.Generator().manual_seed(4), 0.0))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, same))
+    for imgs, _ in d.batches(32, torch.Generator().manual_seed(4), 1.0):
+        for r in range(len(imgs)):
+            assert any(torch.equal(imgs[r], x) or torch.equal(imgs[r], x.flip(2))
+                       for x in d.x_train), r
+    gen = torch.Generator().manual_seed(9)
+    half = list(d.batches(32, gen, 0.5))
+    gen = torch.Generator().manual_seed(9)
+    perm = torch.randperm(64, generator=gen)
+    whole_count = 0
+    for b, (imgs, _) in enumerate(half):
+        idx = perm[32 * b:32 * (b + 1)]
+        ox = torch.randint(0, 9, (32,), generator=gen)
+        oy = torch.randint(0, 9, (32,), generator=gen)
+        flip = torch.rand(32, generator=gen) < 0.5
+        whole = torch.rand(32, generator=gen) < 0.5
+        whole_count += int(whole.sum())
+        for r, i in enumerate(idx.tolist()):
+            y0, x0 = (4, 4) if whole[r] else (int(oy[r]), int(ox[r]))
+            crop = d.padded[i, :, y0:y0 + 32, x0:x0 + 32]
+            assert torch.equal(imgs[r], crop.flip(2) if flip[r] else crop), (b, r)
+    assert 0 < whole_count < 64
+    with pytest.raises(ValueError, match="uncropped"):
+        next(d.batches(32, torch.Generator(), 1.5))
 
 
 def test_padding_is_zero_and_crops_cover_every_offset():

@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--swa-bn-passes", type=int, default=1, metavar="E",
       help="--swa-every: passes of augmented training batches the averaged model's BN "
            "statistics are recomputed over")
+    a("--uncropped", type=float, default=0.0, metavar="F",
+      help="probability that a training sample is taken whole (central offset, no zero border; "
+           "still flipped at random) instead of a random crop of the 4-padded image")
     a("--cloud-only", action="store_true",
       help="train only the layers after the last early exit (cloud convs, head) on the head "
            "loss; the stem, the convs up to the last exit (BN in inference mode) and the exits "
@@ -362,11 +365,15 @@ def resolve(args) -> dict:
                              "not with --cloud-only, --strategy separate or --cuda-graphs")
     if args.compile and args.cuda_graphs:
         raise SystemExit("error: --compile 1 and --cuda-graphs 1 are alternatives; give one")
+    if not 0.0 <= args.uncropped <= 1.0:
+        raise SystemExit("error: --uncropped must lie in [0, 1]")
     if not 0.0 < args.exit_budget_frac < 1.0:
         raise SystemExit("error: --exit-budget-frac must lie strictly between 0 and 1")
     cfg = dict(vars(args))
     if args.teacher is None:  # nothing to weigh: keeps old checkpoints resumable
         cfg.update(kd_weight=None, kd_temp=None)
+    if not args.uncropped:    # the default augmentation, as recorded before the option
+        cfg.update(uncropped=None)
     cfg.update(exits=exits, exit_weights=weights, head_weight=1.0 - sum(weights), ckpt_dir=ckpt,
                cloud_focus=focus,
                select_out=(args.select_out or default_out(args.out)) if args.select_by else None,
@@ -408,7 +415,8 @@ def train_epoch(model, data, opt, sched, cfg, gen, weights, log, epoch, total_ep
     seen = done = 0
     of = "?" if timed else str(total_epochs)
     trained = [q for g in opt.param_groups for q in g["params"] if q.requires_grad]
-    for step, (xb, yb) in enumerate(data.batches(cfg["batch"], gen)):
+    uncropped = cfg.get("uncropped") or 0.0
+    for step, (xb, yb) in enumerate(data.batches(cfg["batch"], gen, uncropped)):
         if step >= steps or (timed and sched.done()):
             break
         xb, yb = xb.to(dev), yb.to(dev)
@@ -488,7 +496,7 @@ RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "str
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
                "select_by", "cloud_only", "cloud_focus", "select_images", "hint", "hint_images",
-               "swa_every", "swa_start")
+               "swa_every", "swa_start", "uncropped")
 
 
 def load_checkpoint(ck_path: str, cfg: dict, model: HybridResNet, steps: int, log):
@@ -857,7 +865,8 @@ def export_average(averager, data: Data, cfg: dict, state: dict, command: str, l
     ``<out>_swa.npz`` (:mod:`weight_average`)."""
     t0 = time.time()
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 999)
-    batches = (b for _ in range(cfg["swa_bn_passes"]) for b in data.batches(cfg["batch"], gen))
+    batches = (b for _ in range(cfg["swa_bn_passes"])
+               for b in data.batches(cfg["batch"], gen, cfg.get("uncropped") or 0.0))
     model = averager.finish(batches)
     log(f"--swa-every {cfg['swa_every']}: {averager.snapshots} snapshots averaged, BN statistics "
         f"recomputed over {cfg['swa_bn_passes']} pass(es) in {time.time() - t0:.0f}s")
