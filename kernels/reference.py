@@ -77,8 +77,6 @@ def float_conv_bn(x: np.ndarray, w: np.ndarray, bn_scale: np.ndarray, bn_shift: 
 
 def ordered_linear(f: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``f [N, K] -> [N, O]``: ``sum_k f[n, k] weight[o, k]`` for k = 0..K-1 in order, then
-    ``+ bias[o]``; every operation rounded to float32 (the edge's exits)."""
-    acc = f[:, 0, None] * weight[None, :, 0]
-    for k in range(1, f.shape[1]):
-        acc += f[:, k, None] * weight[None, :, k]
-    return acc + bias
+    ``+ bias[o]``; every operation rounded to float32 (the edge's exits): :func:`ordered_matmul`
+    with the batch as its P columns."""
+    return np.ascontiguousarray(ordered_matmul(weight, f.T[None])[0].T) + bias

@@ -23,6 +23,18 @@ def test_entropy_of_one_hot_is_zero_and_handles_huge_logits():
                                       np.exp([0, 5]) / np.exp([0, 5]).sum()), rel=1e-9)
 
 
+def test_entropy_does_not_depend_on_memory_layout():
+    """Exit decisions compare H with a threshold to the last bit: a transposed or strided logits
+    array must give the bits of its contiguous copy."""
+    z = (np.random.default_rng(0).standard_normal((300, 100)) * 8).astype(np.float32)
+    want = engine.entropy(z)
+    assert np.array_equal(engine.entropy(np.asfortranarray(z)), want)
+    assert np.array_equal(engine.entropy(np.ascontiguousarray(z.T).T), want)
+    wide = np.zeros((300, 200), np.float32)
+    wide[:, ::2] = z
+    assert np.array_equal(engine.entropy(wide[:, ::2]), want)
+
+
 def _model(thresholds, seed=0):
     spec = make_spec(edge_convs=6, exits=[(2, t) for t in thresholds[:1]] + [(6, t) for t in thresholds[1:]])
     return build_model(spec, random_weights(spec, seed))

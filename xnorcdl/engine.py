@@ -23,8 +23,11 @@ FINAL = -1  # exit index of samples that ran to the head
 
 
 def entropy(logits: np.ndarray) -> np.ndarray:
-    """Softmax entropy in nats per row, float64: H = log sum e^z - sum p z with z = l - max l."""
-    z = np.asarray(logits, dtype=np.float64)
+    """Softmax entropy in nats per row, float64: H = log sum e^z - sum p z with z = l - max l.
+
+    Rows are made C-contiguous first: NumPy sums a contiguous row in another order than a strided
+    one, so without it the last bit of H would depend on the caller's memory layout."""
+    z = np.ascontiguousarray(logits, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     s = e.sum(axis=1)
