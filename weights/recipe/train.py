@@ -108,9 +108,11 @@ from cifar_batches import VAL_SIZE, Data  # noqa: E402
 from epoch_select import better, default_out, operating_point  # noqa: E402
 from lr_schedule import TimeSched, make_sched  # noqa: E402
 from feature_hint import Hints, fit_least_squares  # noqa: E402
-from qat_resnet import CHANNELS_LAST, HybridResNet, QuanConv, export, init_from, model_from_file  # noqa: E402
+from qat_resnet import (CHANNELS_LAST, HybridResNet, QuanConv, export, init_from,  # noqa: E402
+                        model_from_file, named_tensors)
 from run_records import Logger, atomic_save, init_record, machine, teacher_record  # noqa: E402
 from val_scoring import calibrate_fast, conditional, entropy_tensor, predict  # noqa: E402
+import partial_state  # noqa: E402
 import weight_average  # noqa: E402
 
 
@@ -239,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="--hint: training images (unaugmented) the adapters are first fitted on")
     a("--out", required=True, help="weights file to write")
     a("--ckpt-dir", default=None, help="checkpoints and log (default: cache runs/<out name>)")
+    a("--partial", default=None, metavar="DIR",
+      help="after every epoch write the model and the schedule state to DIR/<out name>.npz "
+           "and .json, and resume from them when no checkpoint is newer (partial_state); "
+           "removed once --out is written")
+    a("--stop-after", type=int, default=0, metavar="N",
+      help="end this invocation after N completed epochs (checkpoint and --partial written); "
+           "rerun the same command to continue (0: run to the end)")
     a("--val-size", type=int, default=VAL_SIZE, help="last images of the train split held out")
     a("--threshold-rule", default="within:0.5",
       help="within:D (points), exits:P (%% leaving), accuracy:A (%%) or fixed:T (nats); "
@@ -367,6 +376,11 @@ def resolve(args) -> dict:
         raise SystemExit("error: --compile 1 and --cuda-graphs 1 are alternatives; give one")
     if not 0.0 <= args.uncropped <= 1.0:
         raise SystemExit("error: --uncropped must lie in [0, 1]")
+    if args.stop_after < 0:
+        raise SystemExit("error: --stop-after must be >= 0 epochs")
+    if args.partial and (args.time_budget or args.swa_every or args.select_by):
+        raise SystemExit("error: --partial resumes a step schedule by its epoch: not with "
+                         "--time-budget, --swa-every or --select-by")
     if not 0.0 < args.exit_budget_frac < 1.0:
         raise SystemExit("error: --exit-budget-frac must lie strictly between 0 and 1")
     cfg = dict(vars(args))
@@ -751,6 +765,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ck_path = os.path.join(cfg["ckpt_dir"], "last.pt")
     best_path = os.path.join(cfg["ckpt_dir"], "best.pt")
     state, resume = load_checkpoint(ck_path, cfg, model, steps, log)
+    if resume is None and cfg["partial"]:
+        record = partial_state.load(cfg["partial"], cfg, RESUME_KEYS, named_tensors(model))
+        if record is not None:
+            state, resume = record["state"], {"partial": True}
+            if record["epochs"] != cfg["epochs"]:
+                if state["phase"] > 0 or state["epoch"] > cfg["epochs"]:
+                    raise SystemExit(f"error: --partial {cfg['partial']}: cannot change --epochs "
+                                     f"to {cfg['epochs']} after epoch {state['epoch']} of phase "
+                                     f"{state['phase']}")
+                state.setdefault("schedule_changes", []).append(
+                    {"after_epoch": state["epoch"], "from_epochs": record["epochs"],
+                     "to_epochs": cfg["epochs"]})
+            log(f"resuming from --partial {cfg['partial']}: phase {state['phase']} epoch "
+                f"{state['epoch']}, {state['wall']:.0f}s already spent (momentum restarts)")
+    trained_here, stopped = 0, False
     n_sel = select_count(cfg, len(data.y_val))
     if cfg["select_images"] and n_sel >= len(data.y_val):
         raise SystemExit(f"error: --select-images {n_sel}: the validation split holds "
@@ -789,6 +818,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for _ in range(state["epoch"] * steps):
                     sched.step()
             gen.set_state(resume["gen"])
+        elif resume is not None and resume.get("partial") and state["phase"] == p:
+            for _ in range(state["epoch"] * steps):
+                sched.step()
         # Graphs need every output in the loss (an unused output would feed the captured
         # backward a stale gradient): joint training, or phase 1 of separate without exits.
         used = [w > 0 for w in weights]
@@ -812,6 +844,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"phase {pname}: " + (f"{seconds:.0f} s budget" if timed else f"{epochs} epochs")
             + f" x {steps} steps, loss weights {weights}")
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
+            if cfg["partial"]:  # the data order of an epoch does not depend on where a run resumed
+                gen = partial_state.epoch_generator(cfg["seed"], p, epoch)
             loss, secs, nsteps = train_epoch(model, data, opt, sched, cfg, gen, weights, log,
                                              epoch, epochs, frozen, teacher, fwd, after_step)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
@@ -837,15 +871,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"phase {pname} epoch {epoch + 1}/{'?' if timed else epochs} done in {secs:.1f}s: "
                 f"loss {loss:.4f}{msg}; total {state['wall']:.0f}s")
             checkpoint()
+            trained_here += 1
+            if cfg["partial"]:
+                partial_state.save(
+                    cfg["partial"], cfg, RESUME_KEYS, state, sched.get_last_lr()[0],
+                    lambda path: validate_and_export(
+                        model, data, {**cfg, "out": path}, state, command, log,
+                        extra={"partial": {"phase": pname, "epoch": epoch + 1, "of": epochs}}))
+                log(f"partial state written to {cfg['partial']}")
             if last:
                 break
+            if cfg["stop_after"] and trained_here >= cfg["stop_after"]:
+                stopped = True
+                break
+        if stopped:
+            break
         state.setdefault("phase_epochs", {})[pname] = state["epoch"]
         state["phase"], state["epoch"] = p + 1, 0
         resume = None
         atomic_save({"cfg": cfg, "model": model.state_dict(), "state": state, **swa_state()},
                     ck_path)
 
+    if stopped:
+        log(f"--stop-after {cfg['stop_after']}: stopping after phase {state['phase']} epoch "
+            f"{state['epoch']}; rerun the same command to continue")
+        return 0
     validate_and_export(model, data, cfg, state, command, log)
+    if cfg["partial"]:
+        partial_state.remove(cfg["partial"], cfg["out"])
     if cfg["select_by"] and state.get("best"):
         kept = torch.load(best_path, map_location="cpu", weights_only=False)
         model.load_state_dict(kept["model"])

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Train the design-space grid of the paper's section III (``weights/grid/``), resumably.
+
+Points (CIFAR-10, ResNet-32, full-precision stem, zero-pad shortcuts):
+
+* ``r32_{M}E_{b}b``: M in {10, 16, 20, 24} quantized edge convs, b in {1, 2, 4} bits, one early
+  exit after conv M, joint optimization (eq. 5, lambda = 0.6 on the exit as in the paper);
+* ``r32_16E_1b_separate``: Table II's separate optimization (the hybrid without exits, then its
+  convs frozen and the exit trained alone on eq. 4);
+* ``r32_20E_1b_2exits``: Table IV, exits after conv 10 and conv 20 (lambda 0.3 each).
+
+Every point is fine-tuned from ``weights/r32_fp.npz`` and distilled from it, except two:
+``r32_20E_1b`` is the shipped ``weights/r32_20E.npz`` recalibrated with the grid's threshold
+rule, and ``r32_20E_1b_2exits`` starts from that file (its second exit is new). The epoch budget
+per point is fixed before the runs (:data:`EPOCHS`); the recipe is :data:`COMMON`.
+
+The driver runs one epoch of each unfinished point in turn (round robin: every point gets a
+provisional file early), each as ``train.py ... --partial weights/grid/partial --stop-after 1``,
+so the whole state of the grid lives in the repository (``partial/``: the model after its last
+epoch and the schedule state) and survives the loss of every cache. Rerun the same command to
+continue; a point whose ``weights/grid/<name>.npz`` exists is final and is skipped::
+
+    python weights/recipe/grid.py [--only NAME[,NAME...]] [--rounds N] [--dry-run]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+GRID = os.path.join("weights", "grid")
+PARTIAL = os.path.join(GRID, "partial")
+FP = os.path.join("weights", "r32_fp.npz")
+SHIPPED = os.path.join("weights", "r32_20E.npz")
+
+#: the threshold rule of every grid file: the largest entropy threshold that keeps the
+#: validation accuracy of Algorithm 1 within 1 point of the same file without exits
+RULE = "within:1"
+
+#: epochs per point, by edge bit depth (fixed before the runs): 1-bit points learn the most
+EPOCHS = {4: 3, 2: 4, 1: 8}
+
+#: the recipe shared by every point: SGD (Nesterov), cosine with 5 % warm-up, distillation
+#: from the full-precision network (alpha 0.9, T 4) with the gradient norm clipped at 5
+COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "4",
+          "--clip-grad", "5", "--lr", "0.02", "--sched", "cosine", "--warmup", "0.05",
+          "--batch", "128", "--seed", "0", "--threads", "2", "--eval-every", "1",
+          "--log-every", "50", "--threshold-rule", RULE]
+
+
+def points() -> List[Dict]:
+    """The grid, in training order."""
+    out = []
+    for bits in (4, 2, 1):
+        for m in (10, 16, 20, 24):
+            name = f"r32_{m}E_{bits}b"
+            if (m, bits) == (20, 1):
+                out.append({"name": name, "copy": SHIPPED})
+                continue
+            out.append({"name": name, "args": ["--edge-convs", str(m), "--edge-bits", str(bits),
+                                               "--exits", str(m), "--exit-weights", "0.6",
+                                               "--init", FP, "--epochs", str(EPOCHS[bits])]})
+    out.append({"name": "r32_16E_1b_separate",
+                "args": ["--edge-convs", "16", "--edge-bits", "1", "--exits", "16",
+                         "--exit-weights", "0.6", "--strategy", "separate", "--init", FP,
+                         "--epochs", str(EPOCHS[1]), "--exit-epochs", "2"]})
+    out.append({"name": "r32_20E_1b_2exits",
+                "args": ["--edge-convs", "20", "--edge-bits", "1", "--exits", "10,20",
+                         "--exit-weights", "0.3,0.3", "--init", SHIPPED,
+                         "--epochs", str(EPOCHS[1] // 2)]})
+    return out
+
+
+def final_path(name: str) -> str:
+    return os.path.join(GRID, name + ".npz")
+
+
+def command(point: Dict) -> List[str]:
+    return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + COMMON
+            + point["args"] + ["--out", final_path(point["name"]), "--partial", PARTIAL,
+                               "--stop-after", "1"])
+
+
+def progress(name: str) -> Optional[dict]:
+    """The partial state of a point (phase, epoch), or None before its first epoch."""
+    js = os.path.join(PARTIAL, name + ".json")
+    if not os.path.exists(js):
+        return None
+    with open(js) as f:
+        return json.load(f)["state"]
+
+
+def copy_point(point: Dict, log) -> None:
+    """A point taken from an existing file, recalibrated with :data:`RULE` on the validation
+    split (python -m xnorcdl.tradeoff --write)."""
+    cmd = [sys.executable, "-m", "xnorcdl.tradeoff", "--weights", point["copy"], "--rules", RULE,
+           "--write", final_path(point["name"])]
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated point names (default: all)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="stop after N rounds of one epoch per unfinished point (0: until done)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    grid = points()
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {p["name"] for p in grid}
+        if unknown:
+            ap.error(f"--only: unknown point(s) {sorted(unknown)}")
+        grid = [p for p in grid if p["name"] in wanted]
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    rounds = 0
+    while True:
+        todo = [p for p in grid if not os.path.exists(final_path(p["name"]))]
+        if not todo or (args.rounds and rounds >= args.rounds):
+            break
+        for k, p in enumerate(todo):
+            state = progress(p["name"])
+            where = "new" if state is None else f"phase {state['phase']} epoch {state['epoch']}"
+            log(f"round {rounds + 1}, point {k + 1}/{len(todo)}: {p['name']} ({where})")
+            if args.dry_run:
+                print(" ".join(command(p)) if "args" in p else f"copy {p['copy']}")
+                continue
+            if "copy" in p:
+                copy_point(p, log)
+                continue
+            subprocess.run(command(p), check=True, cwd=ROOT)
+        rounds += 1
+        if args.dry_run:
+            break
+    left = [p["name"] for p in grid if not os.path.exists(final_path(p["name"]))]
+    log("grid complete" if not left else f"unfinished: {', '.join(left)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
