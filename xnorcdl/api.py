@@ -146,13 +146,16 @@ class Network:
         return self._executors[backend]
 
     def run(self, images, backend: str = "fast", thresholds: Optional[Sequence[float]] = None,
-            batch_size: Optional[int] = None, energy_table=None, progress=None) -> Result:
+            batch_size: Optional[int] = None, energy_table=None, threads: Optional[int] = 1,
+            progress=None) -> Result:
         """Algorithm 1 over ``images`` (uint8 ``[N, 3, 32, 32]``).
 
         ``thresholds``: nats, one per exit or one for all (``None``: the file's); ``batch_size``
         (default 1 fast, 100 reference) changes speed, never a decision; ``energy_table``: a
         path or :class:`xnorcdl.energy.EnergyTable` (``None``: the paper's Table I);
-        ``progress``: a :class:`xnorcdl.progress.Progress` to update."""
+        ``threads``: BLAS threads for the float32 layers while it runs (batch-1 inference is
+        fastest on one; ``None``: as configured); ``progress``: a
+        :class:`xnorcdl.progress.Progress` to update."""
         from .energy import energy_summary, load_energy_table, per_sample_energy
         images = check_images(images)
         thr = (self.thresholds if thresholds is None
@@ -163,7 +166,12 @@ class Network:
                              where="batch_size")
         table = (load_energy_table(energy_table) if isinstance(energy_table, (str, os.PathLike))
                  else energy_table)
-        raw = engine.run(self.model, images, self.executor(backend), thr, batch, progress)
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads: expected a positive integer, got {threads}",
+                             where="threads")
+        executor = self.executor(backend)
+        with _blas_threads(threads):
+            raw = engine.run(self.model, images, executor, thr, batch, progress)
         energy = Energy(per_sample_energy(self.model, raw.exit_index, table),
                         energy_summary(self.model, raw.exit_index, table))
         return Result(raw.predictions, raw.exit_index, raw.entropies, raw.logits, thr, energy)
@@ -173,6 +181,14 @@ class Network:
         return (f"Network({self.path!r}: ResNet-{s.depth}, {s.edge_convs} {s.edge_bits}-bit edge "
                 f"convs, exits after conv {[e.after_conv for e in s.exits]}, "
                 f"thresholds {self.thresholds})")
+
+
+def _blas_threads(threads: Optional[int]):
+    if threads is None:
+        import contextlib
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(threads)
 
 
 def load(path) -> Network:

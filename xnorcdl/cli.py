@@ -26,7 +26,7 @@ from .errors import UsageError, XnorcdlError
 #: name -> (module, one-line summary); adding a command is one line here
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "infer": ("xnorcdl.infer",
-              "run Algorithm 1 over an image file: accuracy, exits, speed and energy"),
+              "run Algorithm 1 over an image file; accuracy, exits, speed, energy"),
     "summary": ("xnorcdl.summary",
                 "per-layer operation, memory and energy table of a weights file"),
     "tradeoff": ("xnorcdl.tradeoff",

@@ -1,4 +1,4 @@
-"""``python -m xnorcdl infer``: run Algorithm 1 over an image file: accuracy, exits, speed and energy
+"""``python -m xnorcdl infer``: run Algorithm 1 over an image file; accuracy, exits, speed, energy
 
 Prints accuracy, the fraction of samples leaving at each exit, the accuracy of the samples that
 left at the edge and of those that went on, throughput and the energy summary; ``--json PATH``
@@ -16,10 +16,7 @@ from typing import List, Optional
 import numpy as np
 
 from . import api, cli, engine
-from .cli import load_images, parse_thresholds, resolve_images  # noqa: F401 (kept importable)
-from .errors import UsageError  # noqa: F401 (kept importable)
-
-make_executor = api.make_executor  # kept importable from here
+from .cli import load_images, parse_thresholds, resolve_images
 
 
 def summarize(model, res: api.Result, labels, seconds: float, thresholds) -> dict:
@@ -91,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
     net.executor(args.backend)  # built (kernels prepared) before the clock starts
     used = thresholds or net.thresholds
-    with cli.progress(args, len(images), "infer") as bar, cli.threads(args):
+    with cli.progress(args, len(images), "infer") as bar:
         t0 = time.perf_counter()
-        res = net.run(images, args.backend, used, args.batch_size, table, bar)
+        res = net.run(images, args.backend, used, args.batch_size, table, args.threads, bar)
         seconds = time.perf_counter() - t0
     summary = summarize(model, res, labels, seconds, used)
     summary["backend"] = args.backend
