@@ -41,6 +41,9 @@ CIFAR10_FILES = frozenset({f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_
 VALIDATION = "validation"
 VAL_FILE, VAL_START = "data_batch_5.bin", 5000  # the recipe's split: training images 45000..49999
 VALIDATION_HELP = "'validation': CIFAR-10 training images 45000..49999"
+FORMAT_HELP = {"cifar10": "label byte + 3072 pixel bytes",
+               "cifar100": "coarse, fine label bytes + 3072; the fine label is used",
+               "raw": "3072 bytes, no labels"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,8 +140,7 @@ def add_images(ap: argparse.ArgumentParser, default: Optional[str] = None,
                    help=help + "; a bare CIFAR-10 file name (test_batch.bin) is looked up in the "
                                "data cache")
     g.add_argument("--format", default="cifar10", choices=list(formats),
-                   help="record format: cifar10 (label byte + 3072 pixel bytes), cifar100 "
-                        "(coarse, fine label bytes + 3072), raw (3072 bytes, no labels)")
+                   help="record format: " + ", ".join(f"{f} ({FORMAT_HELP[f]})" for f in formats))
     if limit:
         g.add_argument("--limit", type=int, default=None,
                        help="use only the first N samples (default: all)")

@@ -111,8 +111,8 @@ def format_table(doc: dict) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_weights(ap, pair=True)
-    g = ap.add_argument_group("images")
-    g.add_argument("--images", default=VALIDATION, help="labelled records; " + VALIDATION_HELP)
+    g = cli.add_images(ap, default=VALIDATION, help="labelled records; " + VALIDATION_HELP,
+                       formats=("cifar10", "cifar100"), limit=False)
     g.add_argument("--range", default=None, metavar="A:B",
                    help="compare on records A..B-1 only (default: all)")
     g.add_argument("--calib", default=SAME,
@@ -121,10 +121,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-range", default=None, metavar="A:B",
                    help="with --calib validation|FILE: calibrate on records A..B-1 of it only "
                         "(default: all)")
-    g.add_argument("--format", default="cifar10", choices=["cifar10", "cifar100"],
-                   help="record format of --images and --calib")
-    g.add_argument("--fetch", action="store_true",
-                   help="fetch CIFAR-10 into the cache if missing")
     cli.add_rules(ap, "accuracy:89.16,exits:59.3,within:0.5")
     cli.add_backend(ap)
     cli.add_json(ap, "the comparison")
