@@ -21,7 +21,7 @@ from xnorcdl.model import load_model
 def test_replay_on_outputs_equals_algorithm_1(weights_file, backend, exits):
     """decide(outputs(...), t) gives the predictions and exits of engine.run(..., t), for
     thresholds that split the batch at every exit, none, and all."""
-    from xnorcdl.infer import make_executor
+    from xnorcdl.api import make_executor
     model = load_model(weights_file(make_spec(edge_convs=4, exits=exits), seed=len(exits)))
     images = random_images(40, seed=3)
     outs = engine.outputs(model, images, make_executor(model, backend), batch_size=7)

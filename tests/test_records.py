@@ -127,8 +127,9 @@ def test_empty_file(tmp_path):
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match=r"nope\.bin: no such file") as e:
         read_records(str(tmp_path / "nope.bin"))
+    assert e.value.where == str(tmp_path / "nope.bin")
     with pytest.raises(DataError, match="is a directory"):
         read_records(str(tmp_path))
 

@@ -30,12 +30,14 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from .engine import FINAL, entropy
+from .errors import UsageError
 
 RULES = ("fixed", "within", "exits", "accuracy")
 
 
 def parse_rule(rule: str) -> Tuple[str, float]:
-    """``"within:0.5"`` -> ``("within", 0.5)``; ValueError naming what was expected."""
+    """``"within:0.5"`` -> ``("within", 0.5)``; a :class:`~xnorcdl.errors.UsageError` (a
+    ``ValueError``) naming what was expected."""
     kind, sep, val = str(rule).partition(":")
     try:
         value = float(val)
@@ -43,8 +45,9 @@ def parse_rule(rule: str) -> Tuple[str, float]:
         value = float("nan")
     if not sep or kind not in RULES or not np.isfinite(value) or value < 0 or (
             kind in ("exits", "accuracy") and value > 100):
-        raise ValueError(f"threshold rule: expected fixed:T (nats >= 0), within:D (points >= 0), "
-                         f"exits:P (0..100 %) or accuracy:A (0..100 %), got {rule!r}")
+        raise UsageError(f"threshold rule: expected fixed:T (nats >= 0), within:D (points >= 0), "
+                         f"exits:P (0..100 %) or accuracy:A (0..100 %), got {rule!r}",
+                         where="rule")
     return kind, value
 
 

@@ -1,4 +1,4 @@
-"""``python -m xnorcdl.compare``: two weights files on the same labelled images, sample by sample.
+"""``python -m xnorcdl compare``: two weights files on the same labelled images, sample by sample
 
 Two networks are compared at the same operating point (a threshold rule, :mod:`xnorcdl.calibrate`)
 on the same images: for each rule each file gets its own thresholds, chosen on these images, and
@@ -21,7 +21,7 @@ are not those a held-out set would give). ``--calib validation|FILE [--calib-ran
 calibrates them on another labelled set instead, as ``python -m xnorcdl.tradeoff`` does, e.g.
 on the validation split to compare two files on the test images as they would be deployed. The
 default images are the recipe's validation split (CIFAR-10 training images 45000..49999);
-``--range A:B`` takes records A..B-1 of them.
+``--range A:B`` takes records A..B-1 of them. ``python -m xnorcdl.compare`` runs the same command.
 """
 from __future__ import annotations
 
@@ -30,17 +30,12 @@ import sys
 from typing import List, Optional
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from . import calibrate, engine
-from .format import WeightsError
-from .infer import UsageError, make_executor
+from . import calibrate, cli, engine
+from .cli import VALIDATION, VALIDATION_HELP, check_positive, labelled_set, parse_rules
+from .errors import UsageError
 from .model import load_model
-from .progress import Progress
-from .records import DataError
-from .report import check_destination, emit_json
-from .spec import SpecError
-from .tradeoff import VALIDATION, check_positive, labelled_set, parse_rules
+from .report import emit_json
 
 NO_EXIT = "no exit"
 SAME = "same"
@@ -114,75 +109,64 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m xnorcdl.compare",
-                                 description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = ap.add_argument
-    a("--weights", nargs=2, required=True, metavar=("A", "B"), help="the two weights files")
-    a("--images", default=VALIDATION,
-      help="labelled records; 'validation': CIFAR-10 training images 45000..49999")
-    a("--range", default=None, metavar="A:B", help="compare on records A..B-1 only")
-    a("--calib", default=SAME,
-      help="labelled records the thresholds are calibrated on: 'same' (the compared images), "
-           "'validation' (CIFAR-10 training images 45000..49999) or a file")
-    a("--calib-range", default=None, metavar="A:B",
-      help="with --calib validation|FILE: calibrate on records A..B-1 of it only")
-    a("--format", default="cifar10", choices=["cifar10", "cifar100"])
-    a("--rules", default="accuracy:89.16,exits:59.3,within:0.5",
-      help="comma-separated threshold rules (xnorcdl.calibrate)")
-    a("--backend", default="fast", choices=["fast", "reference"])
-    a("--batch-size", type=int, default=100, help="samples per batch")
-    a("--threads", type=int, default=1, help="BLAS threads for the float32 layers")
-    a("--json", default=None, metavar="PATH", help="write the comparison as JSON ('-': stdout)")
-    a("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
-    a("--no-progress", action="store_true", help="no progress bar on stderr")
-    return ap
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    cli.add_weights(ap, pair=True)
+    g = cli.add_images(ap, default=VALIDATION, help="labelled records; " + VALIDATION_HELP,
+                       formats=("cifar10", "cifar100"), limit=False)
+    g.add_argument("--range", default=None, metavar="A:B",
+                   help="compare on records A..B-1 only (default: all)")
+    g.add_argument("--calib", default=SAME,
+                   help="labelled records the thresholds are calibrated on: 'same' (the compared "
+                        "images), 'validation' (CIFAR-10 training images 45000..49999) or a file")
+    g.add_argument("--calib-range", default=None, metavar="A:B",
+                   help="with --calib validation|FILE: calibrate on records A..B-1 of it only "
+                        "(default: all)")
+    cli.add_rules(ap, "accuracy:89.16,exits:59.3,within:0.5")
+    cli.add_backend(ap)
+    cli.add_json(ap, "the comparison")
+    cli.add_progress(ap)
+
+
+def run(args: argparse.Namespace) -> int:
+    rules = parse_rules(args.rules)
+    check_positive(args, "--batch-size", "--threads")
+    cli.check_outputs(args, "--json")
+    models = [load_model(p) for p in args.weights]
+    (pa, ma), (pb, mb) = zip(args.weights, models)
+    if ma.spec.num_classes != mb.spec.num_classes or len(ma.exits) != len(mb.exits):
+        raise UsageError(f"{pa} and {pb}: not comparable: {ma.spec.num_classes} vs "
+                         f"{mb.spec.num_classes} classes, {len(ma.exits)} vs "
+                         f"{len(mb.exits)} early exits (expected the same)", where="--weights")
+    if args.calib == SAME and args.calib_range is not None:
+        raise UsageError("--calib-range: needs --calib validation or a file (with --calib "
+                         "same the thresholds come from the compared images, see --range)",
+                         where="--calib-range")
+    classes = ma.spec.num_classes
+    name, x, y = labelled_set(args.images, args.range, "--images", "--range", args.format,
+                              args.fetch, classes)
+    sets = [("", x)]
+    cal_doc = None
+    if args.calib != SAME:
+        cal_name, cal_x, cal_y = labelled_set(args.calib, args.calib_range, "--calib",
+                                              "--calib-range", args.format, args.fetch, classes)
+        sets.append(("calibration ", cal_x))
+        cal_doc = {"images": cal_name, "samples": int(len(cal_y))}
+    outs = {}
+    with cli.threads(args):
+        for tag, m in (("A", ma), ("B", mb)):
+            ex = cli.executor(m, args.backend)
+            for what, images in sets:
+                with cli.progress(args, len(images), what + tag) as bar:
+                    outs[what + tag] = engine.outputs(m, images, ex, args.batch_size, bar)
+    calib = None if cal_doc is None else (outs["calibration A"], outs["calibration B"], cal_y)
+    doc = {"a": pa, "b": pb, "images": name, "samples": int(len(y)), "calibration": cal_doc,
+           "rules": compare_outputs(outs["A"], outs["B"], y, rules, calib)}
+    print(format_table(doc), file=cli.text_out(args))
+    return emit_json(doc, args.json) if args.json else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        rules = parse_rules(args.rules)
-        check_positive(args, "--batch-size", "--threads")
-        if args.json:
-            check_destination(args.json, "--json")
-        models = [load_model(p) for p in args.weights]
-        (pa, ma), (pb, mb) = zip(args.weights, models)
-        if ma.spec.num_classes != mb.spec.num_classes or len(ma.exits) != len(mb.exits):
-            raise UsageError(f"{pa} and {pb}: not comparable: {ma.spec.num_classes} vs "
-                             f"{mb.spec.num_classes} classes, {len(ma.exits)} vs "
-                             f"{len(mb.exits)} early exits (expected the same)")
-        if args.calib == SAME and args.calib_range is not None:
-            raise UsageError("--calib-range: needs --calib validation or a file (with --calib "
-                             "same the thresholds come from the compared images, see --range)")
-        classes = ma.spec.num_classes
-        name, x, y = labelled_set(args.images, args.range, "--images", "--range", args.format,
-                                  args.fetch, classes)
-        sets = [("", x)]
-        cal_doc = None
-        if args.calib != SAME:
-            cal_name, cal_x, cal_y = labelled_set(args.calib, args.calib_range, "--calib",
-                                                  "--calib-range", args.format, args.fetch,
-                                                  classes)
-            sets.append(("calibration ", cal_x))
-            cal_doc = {"images": cal_name, "samples": int(len(cal_y))}
-        on = None if not args.no_progress else False
-        outs = {}
-        with threadpool_limits(args.threads):
-            for tag, m in (("A", ma), ("B", mb)):
-                ex = make_executor(m, args.backend)
-                for what, images in sets:
-                    with Progress(len(images), what + tag, enabled=on) as bar:
-                        outs[what + tag] = engine.outputs(m, images, ex, args.batch_size, bar)
-        calib = None if cal_doc is None else (outs["calibration A"], outs["calibration B"], cal_y)
-        doc = {"a": pa, "b": pb, "images": name, "samples": int(len(y)), "calibration": cal_doc,
-               "rules": compare_outputs(outs["A"], outs["B"], y, rules, calib)}
-    except (WeightsError, SpecError, UsageError, DataError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(doc), file=sys.stderr if args.json == "-" else sys.stdout)
-    return emit_json(doc, args.json) if args.json else 0
+    return cli.run(sys.modules[__name__], argv, "python -m xnorcdl.compare")
 
 
 if __name__ == "__main__":

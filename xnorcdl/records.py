@@ -18,12 +18,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .errors import DataError
+
 IMAGE_SHAPE = (3, 32, 32)
 PIXEL_BYTES = 3 * 32 * 32
-
-
-class DataError(ValueError):
-    """A data file or data source that cannot be used as asked; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -59,17 +57,20 @@ def record_format(fmt: str) -> RecordFormat:
 
 
 def _record_count(path: str, rec: RecordFormat) -> int:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file, expected {rec.name} records", where=path)
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a {rec.name} record file")
+        raise DataError(f"{path}: is a directory, expected a {rec.name} record file", where=path)
     size = os.path.getsize(path)
     rs = rec.record_size
     if size == 0:
-        raise DataError(f"{path}: file is empty, expected {rec.name} records of {rs} bytes each")
+        raise DataError(f"{path}: file is empty, expected {rec.name} records of {rs} bytes each",
+                        where=path)
     n, rest = divmod(size, rs)
     if rest:
         raise DataError(f"{path}: size {size} bytes is not a multiple of the {rec.name} record size "
                         f"{rs}; the incomplete record {n} starts at byte offset {n * rs} "
-                        f"({rest} of {rs} bytes present)")
+                        f"({rest} of {rs} bytes present)", where=path)
     return n
 
 
@@ -81,7 +82,8 @@ def _check_labels(path: str, rec: RecordFormat, table: np.ndarray) -> None:
             i = int(bad[0])
             raise DataError(f"{path}: record {i} (byte offset {i * rec.record_size}): {field} label "
                             f"is {int(column[i])}, expected 0..{classes - 1} for {rec.name} "
-                            f"({bad.size} record(s) out of range; is the format right?)")
+                            f"({bad.size} record(s) out of range; is the format right?)",
+                            where=path)
 
 
 def read_records(path, fmt: str = "cifar10") -> Tuple[np.ndarray, Optional[np.ndarray]]:

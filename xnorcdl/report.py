@@ -6,20 +6,22 @@ import os
 import sys
 import tempfile
 
+from .errors import UsageError
+
 
 def check_destination(dest: str, option: str) -> None:
     """Refuse an output path before any work is done: its folder must exist and be writable, and
-    the path must not be a folder. ``-`` (stdout) always passes. Raises ``ValueError`` naming the
+    the path must not be a folder. ``-`` (stdout) always passes. Raises ``UsageError`` naming the
     option and the path."""
     if dest == "-":
         return
     folder = os.path.dirname(os.path.abspath(dest))
     if os.path.isdir(dest):
-        raise ValueError(f"{option} {dest}: is a folder; expected a file path")
+        raise UsageError(f"{option} {dest}: is a folder; expected a file path", where=option)
     if not os.path.isdir(folder):
-        raise ValueError(f"{option} {dest}: folder {folder} does not exist")
+        raise UsageError(f"{option} {dest}: folder {folder} does not exist", where=option)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {dest}: folder {folder} is not writable")
+        raise UsageError(f"{option} {dest}: folder {folder} is not writable", where=option)
 
 
 def emit_json(doc: dict, dest: str) -> int:

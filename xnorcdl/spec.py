@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
+from .errors import WeightsError
+
 FORMAT_NAME = "xnorcdl-weights"
 FORMAT_VERSION = 1
 ARCH = "resnet-cifar"
@@ -21,7 +23,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-class SpecError(ValueError):
+class SpecError(WeightsError):
     """A description that breaks a rule of docs/FORMAT.md; the message names the field."""
 
 

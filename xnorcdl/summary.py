@@ -1,10 +1,11 @@
-"""``python -m xnorcdl.summary``: per-layer operation, memory and energy table of a weights file.
+"""``python -m xnorcdl summary``: per-layer operation, memory and energy table of a weights file
 
 In the spirit of Larq's model summary: one row per layer (the prepared layers the engine runs,
 counted by :mod:`xnorcdl.counter`) with its placement, precision, output shape, parameters,
 parameter memory, MACs by precision and energy per sample (paper Table I, :mod:`xnorcdl.energy`);
 totals for the edge, the cloud and the whole network; then what one sample costs for each place
 it can leave. ``--json PATH`` writes all of it. Counting rules: docs/COUNTING.md.
+``python -m xnorcdl.summary`` runs the same command.
 """
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import counter
-from .energy import EnergyTableError, fmt_pj, load_energy_table, profile, split_energy
-from .format import WeightsError
+from . import cli, counter
+from .energy import fmt_pj, load_energy_table, profile, split_energy
 from .model import load_model
-from .report import check_destination, emit_json
-from .spec import SpecError
+from .report import emit_json
 
 
 def _kib(bits: int) -> str:
@@ -107,33 +106,26 @@ def format_table(doc: dict) -> str:
     return "\n".join(out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m xnorcdl.summary",
-                                 description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--weights", required=True, help="weights file (.npz, docs/FORMAT.md)")
-    ap.add_argument("--energy", default=None, metavar="FILE",
-                    help="energy table (JSON); default: the packaged paper Table I")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    cli.add_weights(ap)
+    cli.add_energy(ap)
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write the summary as JSON ('-' for stdout instead of the table)")
-    return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.json:
-            check_destination(args.json, "--json")
-        model = load_model(args.weights)
-        table = load_energy_table(args.energy)
-    except (WeightsError, SpecError, EnergyTableError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    cli.check_outputs(args, "--json")
+    model = load_model(args.weights)
+    table = load_energy_table(args.energy)
     doc = layer_table(model, table)
     doc["weights"] = args.weights
     if args.json != "-":
         print(format_table(doc))
     return emit_json(doc, args.json) if args.json else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(sys.modules[__name__], argv, "python -m xnorcdl.summary")
 
 
 if __name__ == "__main__":

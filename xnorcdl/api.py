@@ -1,0 +1,199 @@
+"""The Python API: load a weights file, run Algorithm 1 on images, read what happened.
+
+    import xnorcdl
+    net = xnorcdl.load("weights/r32_20E.npz")
+    images, labels = xnorcdl.load_cifar10("test")
+    res = net.run(images[:1000], backend="fast")   # uint8 [N, 3, 32, 32]
+    res.predictions, res.exits, res.entropies, res.energy.total
+
+Algorithm 1 (:mod:`xnorcdl.engine`): a sample leaves at the first early exit k whose softmax
+entropy ``H = -sum_c p_c ln p_c`` (nats, eq. 7) is strictly below its threshold ``t_k``;
+otherwise it continues through the cloud layers to the head. ``Result.exits[i]`` is k, or
+:data:`CLOUD` (-1) for a sample the head decided. Energies are the paper's Table I model
+(:mod:`xnorcdl.energy`), split between the edge and the cloud. These are the figures
+``python -m xnorcdl infer`` prints, computed by the same code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import engine
+from .errors import DataError, UsageError
+
+CLOUD = engine.FINAL  # exit index of a sample that went on to the cloud and the head (-1)
+BACKENDS = ("fast", "reference")
+
+
+def make_executor(model, backend: str, option: str = "backend"):
+    """The executor named ``backend`` for a prepared ``model``: ``reference`` (NumPy, the
+    oracle) or ``fast`` (Numba kernels; needs numba). The one place backends are mapped."""
+    if backend == "reference":
+        from .executor import ReferenceExecutor
+        return ReferenceExecutor(model)
+    if backend != "fast":
+        raise UsageError(f"{option}: expected one of {', '.join(BACKENDS)}, got {backend!r}",
+                         where=option)
+    try:
+        from .kernels.executor import FastExecutor
+    except ImportError as exc:  # the fast kernels need numba
+        raise UsageError(f"{option} fast is unavailable ({exc}); use {option} reference",
+                         where=option) from None
+    return FastExecutor(model)
+
+
+def check_thresholds(values: Sequence[float], n_exits: int, option: str = "thresholds"
+                     ) -> List[float]:
+    """One threshold (nats) per exit, or one for all; finite and >= 0."""
+    values = [float(v) for v in values]
+    if len(values) == 1 and n_exits > 1:
+        values = values * n_exits
+    if len(values) != n_exits:
+        raise UsageError(f"{option}: {len(values)} value(s) for {n_exits} exit(s)", where=option)
+    if any(not np.isfinite(v) or v < 0 for v in values):
+        raise UsageError(f"{option}: values must be finite and >= 0 (nats), got {values}",
+                         where=option)
+    return values
+
+
+def check_images(images) -> np.ndarray:
+    """``images`` as a uint8 ``[N, 3, 32, 32]`` array (pixels 0..255, planes R, G, B)."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (3, 32, 32):
+        raise DataError(f"images: expected uint8 [N, 3, 32, 32], got {a.dtype} {list(a.shape)}",
+                        where="images")
+    return a
+
+
+@dataclasses.dataclass
+class Energy:
+    """What a run cost (pJ, the energy table's model).
+
+    ``per_sample``: arrays ``[N]`` ``edge_pJ``, ``cloud_pJ``, ``compute_pJ``, ``memory_pJ``,
+    ``total_pJ``, plus ``comm_bytes`` (sent to the cloud) and ``macs``; ``report``: the summary
+    ``python -m xnorcdl infer --json`` writes (means, totals, outcomes, baselines, reductions)."""
+    per_sample: Dict[str, np.ndarray]
+    report: dict
+
+    @property
+    def total(self) -> Dict[str, float]:
+        """pJ over all samples: edge, cloud, compute, memory, total."""
+        return dict(self.report["total_pJ"])
+
+    @property
+    def mean(self) -> Dict[str, Optional[float]]:
+        """pJ per sample: edge, cloud, compute, memory, total."""
+        return dict(self.report["mean_pJ_per_sample"])
+
+    @property
+    def reduction(self) -> Optional[float]:
+        """Mean energy of the full-precision network without exits / this run's mean."""
+        return self.report["reduction"]["vs_full_precision_no_exit"]
+
+
+@dataclasses.dataclass
+class Result:
+    """Per-sample outcome of Algorithm 1 over N images with K early exits.
+
+    ``predictions`` int64 ``[N]``; ``exits`` int64 ``[N]``: the exit taken, :data:`CLOUD` (-1)
+    for the head; ``entropies`` float64 ``[N, K]`` nats, NaN where an exit was not reached;
+    ``logits`` float32 ``[N, classes]`` of the output that decided; ``thresholds`` used."""
+    predictions: np.ndarray
+    exits: np.ndarray
+    entropies: np.ndarray
+    logits: np.ndarray
+    thresholds: List[float]
+    energy: Energy
+
+    @property
+    def at_edge(self) -> np.ndarray:
+        """bool ``[N]``: the sample left at an early exit."""
+        return self.exits != CLOUD
+
+    def accuracy(self, labels) -> float:
+        """Fraction of ``predictions`` equal to ``labels``."""
+        labels = np.asarray(labels)
+        if labels.shape != self.predictions.shape:
+            raise DataError(f"labels: expected shape {list(self.predictions.shape)}, got "
+                            f"{list(labels.shape)}", where="labels")
+        return float((self.predictions == labels).mean()) if len(labels) else float("nan")
+
+
+class Network:
+    """A loaded, validated and prepared weights file (:func:`load`)."""
+
+    def __init__(self, model, path: Optional[str] = None):
+        self.model, self.path = model, path
+        self._executors: Dict[str, object] = {}
+
+    @property
+    def spec(self):
+        """The file's description (:class:`xnorcdl.spec.ModelSpec`)."""
+        return self.model.spec
+
+    @property
+    def thresholds(self) -> List[float]:
+        """The exit thresholds stored in the file (nats), one per early exit."""
+        return [e.threshold for e in self.model.exits]
+
+    def executor(self, backend: str = "fast"):
+        """The backend's executor, built on first use (the fast one prepares its kernels)."""
+        if backend not in self._executors:
+            self._executors[backend] = make_executor(self.model, backend)
+        return self._executors[backend]
+
+    def run(self, images, backend: str = "fast", thresholds: Optional[Sequence[float]] = None,
+            batch_size: Optional[int] = None, energy_table=None, threads: Optional[int] = 1,
+            progress=None) -> Result:
+        """Algorithm 1 over ``images`` (uint8 ``[N, 3, 32, 32]``).
+
+        ``thresholds``: nats, one per exit or one for all (``None``: the file's); ``batch_size``
+        (default 1 fast, 100 reference) changes speed, never a decision; ``energy_table``: a
+        path or :class:`xnorcdl.energy.EnergyTable` (``None``: the paper's Table I);
+        ``threads``: BLAS threads for the float32 layers while it runs (batch-1 inference is
+        fastest on one; ``None``: as configured); ``progress``: a
+        :class:`xnorcdl.progress.Progress` to update."""
+        from .energy import energy_summary, load_energy_table, per_sample_energy
+        images = check_images(images)
+        thr = (self.thresholds if thresholds is None
+               else check_thresholds(np.atleast_1d(thresholds), len(self.model.exits)))
+        batch = batch_size or (1 if backend == "fast" else 100)
+        if batch < 1:
+            raise UsageError(f"batch_size: expected a positive integer, got {batch}",
+                             where="batch_size")
+        table = (load_energy_table(energy_table) if isinstance(energy_table, (str, os.PathLike))
+                 else energy_table)
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads: expected a positive integer, got {threads}",
+                             where="threads")
+        executor = self.executor(backend)
+        with _blas_threads(threads):
+            raw = engine.run(self.model, images, executor, thr, batch, progress)
+        energy = Energy(per_sample_energy(self.model, raw.exit_index, table),
+                        energy_summary(self.model, raw.exit_index, table))
+        return Result(raw.predictions, raw.exit_index, raw.entropies, raw.logits, thr, energy)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Network({self.path!r}: ResNet-{s.depth}, {s.edge_convs} {s.edge_bits}-bit edge "
+                f"convs, exits after conv {[e.after_conv for e in s.exits]}, "
+                f"thresholds {self.thresholds})")
+
+
+def _blas_threads(threads: Optional[int]):
+    if threads is None:
+        import contextlib
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(threads)
+
+
+def load(path) -> Network:
+    """Load, validate and prepare a weights file (docs/FORMAT.md); raises
+    :class:`xnorcdl.errors.WeightsError` naming the file and the problem."""
+    from .model import load_model
+    path = os.fspath(path)
+    return Network(load_model(path), path)
