@@ -127,6 +127,10 @@ def resume_partial(cfg: dict, model, log):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """One run: resolve the options, build the model and data, resume from a checkpoint or a
+    partial state when there is one, train the phases epoch by epoch (validating, checkpointing
+    and, with ``--partial``, writing the partial state after each), then export ``--out`` and,
+    when asked, the ``--select-by`` epoch and the weight average. Returns 0."""
     args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     cfg = resolve(args)
     torch.set_num_threads(cfg["threads"])
@@ -217,8 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for epoch in range(state["epoch"] if state["phase"] == p else 0, epochs):
             if cfg["partial"]:  # the data order of an epoch does not depend on where a run resumed
                 gen = partial_state.epoch_generator(cfg["seed"], p, epoch)
-            loss, secs, nsteps = train_phases.train_epoch(model, data, opt, sched, cfg, gen, weights, log,
-                                             epoch, epochs, frozen, teacher, fwd, after_step)
+            loss, secs, nsteps = train_phases.train_epoch(
+                model, data, opt, sched, cfg, gen, weights, log, epoch, epochs, frozen, teacher,
+                fwd, after_step)
             if nsteps == 0:  # the budget ran out exactly at an epoch boundary
                 prev = state["history"][-1] if state["history"] else None
                 if prev is not None and prev["phase"] == pname and "val_acc" not in prev:
