@@ -46,19 +46,14 @@ class Data:
         self.y_train = self.y_train.to(device)
         return self
 
-    def batches(self, batch: int, gen: torch.Generator, uncropped: float = 0.0):
+    def batches(self, batch: int, gen: torch.Generator):
         """Shuffled, augmented batches: a random 32x32 crop of the 4-padded image, flipped
         horizontally with probability 1/2, gathered for the whole batch at once.
 
         The random draws (permutation, x and y offsets, flips) come from ``gen`` on the CPU in
         a fixed order, so a seed gives the same batches on every device. Output pixel (c, i, j)
         is ``padded[c, oy + i, ox + j]``, or ``padded[c, oy + i, ox + 31 - j]`` when flipped.
-        With ``uncropped`` > 0 each sample is, with that probability (one more draw per sample,
-        after the flips), taken at the central offset (4, 4): the image itself without a zero
-        border, still flipped at random; at 0 nothing more is drawn and the batches are as before.
         """
-        if not 0.0 <= uncropped <= 1.0:
-            raise ValueError(f"uncropped: expected a probability in [0, 1], got {uncropped}")
         n = len(self.x_train)
         dev = self.padded.device
         ar = torch.arange(32, device=dev)
@@ -69,10 +64,6 @@ class Data:
             ox = torch.randint(0, 9, (len(idx),), generator=gen)
             oy = torch.randint(0, 9, (len(idx),), generator=gen)
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            if uncropped > 0:
-                whole = torch.rand(len(idx), generator=gen) < uncropped
-                ox = torch.where(whole, 4, ox)
-                oy = torch.where(whole, 4, oy)
             idx, ox, oy, flip = (t.to(dev, non_blocking=True) for t in (idx, ox, oy, flip))
             rows = (oy[:, None] + ar)[:, None, :, None]
             cols = torch.where(flip[:, None], ox[:, None] + 31 - ar, ox[:, None] + ar)

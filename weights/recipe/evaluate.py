@@ -11,8 +11,8 @@ For each file:
 * the whole test split through the engine's fast backend (the figures weights/README.md
   quotes): correct predictions and exit counts.
 
-``--write`` records the engine figures in ``weights/figures.json``, which tests/test_recipe.py
-checks.
+``--write`` records the engine figures in ``weights/figures.json``, which
+tests/test_shipped_weights.py checks.
 
 The test split is read here only, after training and threshold calibration are final.
 """

@@ -15,8 +15,6 @@ def make_sched(opt, kind: str, lr: float, total: int, warmup_frac: float):
             opt, max_lr=lr, total_steps=total, pct_start=warmup_frac, div_factor=10.0,
             final_div_factor=100.0, anneal_strategy="cos")
     warm = max(1, int(total * warmup_frac))
-    if kind == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     f = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
@@ -24,8 +22,8 @@ def make_sched(opt, kind: str, lr: float, total: int, warmup_frac: float):
 def lr_at(kind: str, lr: float, p: float, warmup_frac: float) -> float:
     """Learning rate at progress p in [0, 1] (fraction of the budget spent), the shapes of
     :func:`make_sched`: ``onecycle`` rises from lr/10 to lr over ``warmup_frac`` along a half
-    cosine, then falls to lr/1000 along a half cosine; ``cosine`` rises linearly, then falls to 0;
-    ``constant`` rises linearly, then stays at lr (the plateau weight averaging samples)."""
+    cosine, then falls to lr/1000 along a half cosine; ``cosine`` rises linearly, then falls to
+    0."""
     p = min(max(p, 0.0), 1.0)
     w = max(warmup_frac, 1e-9)
     if kind == "onecycle":
@@ -35,8 +33,6 @@ def lr_at(kind: str, lr: float, p: float, warmup_frac: float) -> float:
         return end + (hi - end) / 2 * (1 + math.cos(math.pi * (p - w) / max(1e-9, 1 - w)))
     if p < w:
         return lr * p / w
-    if kind == "constant":
-        return lr
     return lr * 0.5 * (1 + math.cos(math.pi * (p - w) / max(1e-9, 1 - w)))
 
 

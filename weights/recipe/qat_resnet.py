@@ -18,7 +18,7 @@ start from the full-precision conv weights. Exits missing from the source start 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -196,39 +196,18 @@ class HybridResNet(nn.Module):
         x = self.normalize(pixels)
         return x.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST[0] else x
 
-    def features(self, x: torch.Tensor, upto: Optional[int] = None,
-                 taps: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
-        """Outputs of the blocks the exits read (or of the blocks ``taps``), in block order,
-        then the last one computed."""
-        keep = self.exit_after if taps is None else taps
+    def features(self, x: torch.Tensor, upto: Optional[int] = None) -> List[torch.Tensor]:
+        """Outputs of the blocks the exits read, in block order, then the last one computed
+        (block ``upto``, default the last block)."""
         x = F.relu(self.stem_bn(self.stem_conv(x)))
         out = []
         last = len(self.blocks) - 1 if upto is None else upto
         for b in range(last + 1):
             x = self.blocks[b](x)
-            if b in keep:
+            if b in self.exit_after:
                 out.append(x)
         out.append(x)
         return out
-
-    def frozen_by_cloud_only(self) -> List[nn.Module]:
-        """What ``--cloud-only`` keeps fixed: the stem, every block up to the last early exit and
-        the exits, i.e. everything Algorithm 1's exit decisions depend on."""
-        last = max(self.exit_after)
-        return [self.stem_conv, self.stem_bn, *self.blocks[:last + 1], *self.exits]
-
-    def edge_outputs(self, pixels: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """(early-exit logits, output of the last exit's block): the part
-        :meth:`frozen_by_cloud_only` names, run on raw pixels."""
-        feats = self.features(self.prepare(pixels), max(self.exit_after))
-        return [self.exit_logits(k, feats[k]) for k in range(len(self.exits))], feats[-1]
-
-    def cloud_logits(self, x: torch.Tensor, first: int) -> torch.Tensor:
-        """Head logits from the output ``x`` of block ``first - 1``: blocks ``first``.. then the
-        head."""
-        for blk in self.blocks[first:]:
-            x = blk(x)
-        return self.head_logits(x)
 
     def exit_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """avg pool 3x3 stride 3 (floor), flatten (c, h, w), linear."""
@@ -237,16 +216,6 @@ class HybridResNet(nn.Module):
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x.mean(dim=(2, 3)))
-
-    def forward_tapped(self, pixels: torch.Tensor, taps: Sequence[int]
-                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(the logits of :meth:`forward`, the outputs of blocks ``taps`` in that order): what
-        ``--hint`` compares between student and teacher."""
-        keep = sorted(set(taps) | set(self.exit_after))
-        *outs, last = self.features(self.prepare(pixels), None, keep)
-        kept = dict(zip(keep, outs))
-        logits = [self.exit_logits(k, kept[b]) for k, b in enumerate(self.exit_after)]
-        return logits + [self.head_logits(last)], [kept[b] for b in taps]
 
     def forward(self, pixels: torch.Tensor, with_head: bool = True) -> List[torch.Tensor]:
         x = self.prepare(pixels)

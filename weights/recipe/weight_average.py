@@ -11,8 +11,8 @@ latent weights; the exported codes are those of the mean (sign and alpha of eq. 
 1 bit), i.e. a weight whose latent value kept crossing zero ends with the sign it held on
 balance. Batch norms are not averaged: their running statistics belong to the weights that
 produced them, so :func:`Averager.finish` recomputes them for theta_swa as the cumulative
-average over augmented training batches (``torch.optim.swa_utils.update_bn``, as
-``bn_restat.py --augment``). The averaged model is exported besides ``--out`` (``<out>_swa.npz``).
+average over augmented training batches (``torch.optim.swa_utils.update_bn``). The averaged
+model is exported besides ``--out`` (``<out>_swa.npz``).
 """
 from __future__ import annotations
 
