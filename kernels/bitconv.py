@@ -41,25 +41,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
 from .bitpack import n_words, pack_activations, pack_weight_rows
 from .popcount import popcount
+from .quantize import levels
+from .shapes import out_size
 
 # border case flags: which window row / column falls on the zero padding
 TOP, BOTTOM, LEFT, RIGHT = 1, 2, 4, 8
 FLOAT32_EXACT = 1 << 24
 
 
-def out_size(size: int, stride: int) -> int:
-    """Output size of a 3x3, pad-1 convolution: (size + 2 - 3) // stride + 1."""
-    return (size - 1) // stride + 1
-
-
 def padding_corrections(w_codes: np.ndarray, bits: int) -> np.ndarray:
     """``corr[case, o] = Z * sum of u_w[o, c, r, k] over the padded taps of border case`` (int32
     ``[16, O]``); ``case`` ORs TOP (r = 0), BOTTOM (r = 2), LEFT (k = 0), RIGHT (k = 2)."""
-    z = quant.levels(bits)
+    z = levels(bits)
     w = np.asarray(w_codes, dtype=np.int64)
     corr = np.zeros((16, w.shape[0]), np.int64)
     for case in range(16):
@@ -221,7 +216,7 @@ def row_segments(act, channels, stride, wo, out):
 def border_cases(h: int, w: int, stride: int) -> np.ndarray:
     """int ``[Ho * Wo]``: the border case of every output pixel (0 inside the image), i.e. which
     rows/columns of its 3x3 window fall on the zero padding."""
-    ho, wo = out_size(h, stride), out_size(w, stride)
+    ho, wo = out_size(h, 3, stride, 1), out_size(w, 3, stride, 1)
     r0 = np.arange(ho) * stride                  # first window row / column, padded coordinates
     x0 = np.arange(wo) * stride
     cy = np.where(r0 == 0, TOP, 0) | np.where(r0 + 2 > h, BOTTOM, 0)
@@ -350,7 +345,7 @@ class BitConv:
         o_n, c_in = w_codes.shape[:2]
         if stride not in (1, 2):
             raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
-        z = quant.levels(bits)
+        z = levels(bits)
         if z * z * 9 * c_in >= FLOAT32_EXACT:
             raise ValueError(f"{c_in} input channels at {bits} bits: integer sums could reach "
                              f"2^24 and stop being exact in float32")
@@ -375,7 +370,8 @@ class BitConv:
 
     def output_shape(self, x_shape):
         n, _, h, w = x_shape
-        return (n, self.out_channels, out_size(h, self.stride), out_size(w, self.stride))
+        s = self.stride
+        return (n, self.out_channels, out_size(h, 3, s, 1), out_size(w, 3, s, 1))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x = as_float32_nchw(x, self.in_channels)
@@ -389,7 +385,8 @@ class BitConv:
         """(Ho, Wo, base plane) for inputs of h x w, built on first use of that size."""
         geo = self._bases.get((h, w))
         if geo is None:
-            geo = self._bases[(h, w)] = (out_size(h, self.stride), out_size(w, self.stride),
+            s = self.stride
+            geo = self._bases[(h, w)] = (out_size(h, 3, s, 1), out_size(w, 3, s, 1),
                                          base_plane(self.corr, self.zzk, h, w, self.stride))
         return geo
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
-from .quantize import batchnorm, kbit_level
+from .quantize import batchnorm, kbit_level, kbit_step, levels
+from .shapes import out_size
 
 
 GROUP = 8      # channels summed in int16 before widening (see stencil_dot)
@@ -51,7 +50,7 @@ def padded_codes(x, bn_scale, bn_shift, bits, v0, out):
     c_in, h, w = x.shape
     z = np.int16((1 << bits) - 1)
     v0f = np.float32(v0)
-    step = np.float32(((1 << bits) - 1) / (2.0 * v0))
+    step = kbit_step(bits, v0)
     out[:] = 0
     for c in range(c_in):
         s = bn_scale[c]
@@ -161,7 +160,7 @@ class CodeConv:
         if stride not in (1, 2):
             raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
         o_n, c_in = w_codes.shape[:2]
-        z = quant.levels(bits)
+        z = levels(bits)
         if z * z * 9 * c_in >= 1 << 24:
             raise ValueError(f"{c_in} input channels at {bits} bits: sums could reach 2^24 and "
                              f"stop being exact in float32")
@@ -180,7 +179,7 @@ class CodeConv:
     def output_shape(self, x_shape):
         n, _, h, w = x_shape
         s = self.stride
-        return (n, self.out_channels, (h - 1) // s + 1, (w - 1) // s + 1)
+        return (n, self.out_channels, out_size(h, 3, s, 1), out_size(w, 3, s, 1))
 
     def __call__(self, x, out=None):
         x = np.ascontiguousarray(x, dtype=np.float32)

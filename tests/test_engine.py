@@ -6,7 +6,7 @@ import pytest
 
 from conftest import make_spec, random_images
 from xnorcdl import engine
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.format import random_weights
 from xnorcdl.model import build_model
 

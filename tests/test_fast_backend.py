@@ -10,9 +10,9 @@ import pytest
 
 from conftest import random_images
 from xnorcdl import engine
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.format import random_weights
-from xnorcdl.kernels.executor import FastExecutor
+from xnorcdl.backends.fast import FastExecutor
 from xnorcdl.model import build_model
 from xnorcdl.spec import ExitSpec, ModelSpec
 

@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the training recipe needs torch (pip install -e .[train])")
 
 from xnorcdl import engine  # noqa: E402
-from xnorcdl.executor import ReferenceExecutor  # noqa: E402
+from xnorcdl.backends.reference import ReferenceExecutor  # noqa: E402
 from xnorcdl.format import load_weights, random_weights, save_weights  # noqa: E402
 from xnorcdl.model import load_model  # noqa: E402
 from xnorcdl import quant  # noqa: E402
@@ -1014,7 +1014,7 @@ def test_shipped_weights_reproduce_documented_figures(name):
 @pytest.mark.parametrize("name", sorted(_figures().get("files", {})))
 def test_shipped_weights_reproduce_full_test_figures_with_the_fast_backend(name):
     """The figures weights/README.md quotes: all 10000 test images through the fast backend."""
-    from xnorcdl.kernels.executor import FastExecutor
+    from xnorcdl.backends.fast import FastExecutor
     want, model, images, labels = _shipped(name)
     full = want.get("full_test")
     if full is None:

@@ -32,9 +32,9 @@ from typing import List, Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, engine
+from . import backends, calibrate, engine
 from .format import WeightsError
-from .infer import UsageError, make_executor
+from .infer import UsageError
 from .model import load_model
 from .progress import Progress
 from .records import DataError
@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         outs = {}
         with threadpool_limits(args.threads):
             for tag, m in (("A", ma), ("B", mb)):
-                ex = make_executor(m, args.backend)
+                ex = backends.get(args.backend)(m)
                 for what, images in sets:
                     with Progress(len(images), what + tag, enabled=on) as bar:
                         outs[what + tag] = engine.outputs(m, images, ex, args.batch_size, bar)

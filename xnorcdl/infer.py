@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import engine
+from . import backends, engine
 from .energy import (EnergyTableError, energy_summary, format_energy, load_energy_table,
                      per_sample_records)
 from .format import WeightsError
@@ -41,17 +41,6 @@ def resolve_images(path: str, fetch: bool) -> str:
     if os.path.isfile(cached):  # placed atomically after its MD5 check by `xnorcdl.data`
         return cached
     return os.path.join(cifar10_dir(fetch=fetch), path)
-
-
-def make_executor(model, backend: str):
-    if backend == "reference":
-        from .executor import ReferenceExecutor
-        return ReferenceExecutor(model)
-    try:
-        from .kernels.executor import FastExecutor
-    except ImportError as exc:  # the fast kernels need numba
-        raise UsageError(f"--backend fast is unavailable ({exc}); use --backend reference") from None
-    return FastExecutor(model)
 
 
 def parse_thresholds(text: Optional[str], n_exits: int) -> Optional[List[float]]:
@@ -166,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         thresholds = parse_thresholds(args.threshold, len(model.exits))
         path = resolve_images(args.images, args.fetch)
         images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
-        executor = make_executor(model, args.backend)
+        executor = backends.get(args.backend)(model)
         batch = args.batch_size or (1 if args.backend == "fast" else 100)
         if batch < 1:
             raise UsageError(f"--batch-size: expected a positive integer, got {batch}")

@@ -22,10 +22,10 @@ from typing import List, Optional
 
 from threadpoolctl import threadpool_limits
 
-from . import calibrate, engine
+from . import backends, calibrate, engine
 from .energy import EnergyTableError, energy_summary, fmt_pj, load_energy_table
 from .format import WeightsError, load_weights, save_weights
-from .infer import UsageError, load_images, make_executor, resolve_images
+from .infer import UsageError, load_images, resolve_images
 from .model import load_model
 from .progress import Progress
 from .report import check_destination, emit_json
@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               "--calib-range", args.format, args.fetch, classes)
         ev_path = resolve_images(args.images, args.fetch)
         ev_x, ev_y = _labelled(ev_path, args.format, args.limit, classes, "--images")
-        executor = make_executor(model, args.backend)
+        executor = backends.get(args.backend)(model)
         on = None if not args.no_progress else False
         with threadpool_limits(args.threads):
             with Progress(len(cal_x), "calibration", enabled=on) as bar:
