@@ -17,6 +17,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import backends, engine
+from .data import CIFAR10_FILES
 from .energy import (EnergyTableError, energy_summary, format_energy, load_energy_table,
                      per_sample_records)
 from .format import WeightsError
@@ -24,8 +25,6 @@ from .model import load_model
 from .progress import Progress
 from .report import check_destination, emit_json
 from .spec import SpecError
-
-CIFAR10_FILES = {f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"}
 
 
 class UsageError(ValueError):

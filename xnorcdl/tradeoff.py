@@ -23,6 +23,7 @@ from typing import List, Optional
 from threadpoolctl import threadpool_limits
 
 from . import backends, calibrate, engine
+from .data import VAL_FILE, VAL_START
 from .energy import EnergyTableError, energy_summary, fmt_pj, load_energy_table
 from .format import WeightsError, load_weights, save_weights
 from .infer import UsageError, load_images, resolve_images
@@ -34,7 +35,6 @@ from .spec import SpecError
 
 DEFAULT_RULES = "within:0.5,within:1,within:2,within:3,within:5,exits:59.3,fixed:0.5"
 VALIDATION = "validation"
-VAL_FILE, VAL_START = "data_batch_5.bin", 5000  # training images 45000..49999
 
 
 def build_parser() -> argparse.ArgumentParser:
