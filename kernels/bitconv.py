@@ -44,11 +44,10 @@ import numpy as np
 from .bitpack import n_words, pack_activations, pack_weight_rows
 from .popcount import popcount
 from .quantize import levels
-from .shapes import out_size
+from .shapes import check_quant_conv, out_size
 
 # border case flags: which window row / column falls on the zero padding
 TOP, BOTTOM, LEFT, RIGHT = 1, 2, 4, 8
-FLOAT32_EXACT = 1 << 24
 
 
 def padding_corrections(w_codes: np.ndarray, bits: int) -> np.ndarray:
@@ -339,20 +338,8 @@ class BitConv:
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits: int = 1, v0: float = 1.0,
                  stride: int = 1):
-        w_codes = np.asarray(w_codes)
-        if w_codes.ndim != 4 or w_codes.shape[2:] != (3, 3):
-            raise ValueError(f"w_codes: expected [O, C, 3, 3], got shape {w_codes.shape}")
-        o_n, c_in = w_codes.shape[:2]
-        if stride not in (1, 2):
-            raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
-        z = levels(bits)
-        if z * z * 9 * c_in >= FLOAT32_EXACT:
-            raise ValueError(f"{c_in} input channels at {bits} bits: integer sums could reach "
-                             f"2^24 and stop being exact in float32")
-        for name, arr, n in (("out_scale", out_scale, o_n), ("bn_scale", bn_scale, c_in),
-                             ("bn_shift", bn_shift, c_in)):
-            if np.shape(arr) != (n,):
-                raise ValueError(f"{name}: expected shape ({n},), got {np.shape(arr)}")
+        w_codes, o_n, c_in, z = check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits,
+                                                 stride)
         self.w_codes = w_codes.astype(np.int8)
         self.bits, self.v0, self.stride = int(bits), float(v0), int(stride)
         self.out_channels, self.in_channels = int(o_n), int(c_in)

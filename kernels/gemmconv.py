@@ -16,8 +16,8 @@ import numba
 import numpy as np
 
 from .ordered import ordered_gemm
-from .quantize import batchnorm, kbit_level, kbit_step, levels
-from .shapes import out_size
+from .quantize import batchnorm, kbit_level, kbit_step
+from .shapes import check_quant_conv, out_size
 
 
 @numba.njit(cache=True, nogil=True)
@@ -227,16 +227,10 @@ class CodeGemmConv(_GemmConv):
     """
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits, v0=1.0, stride=1):
-        w_codes = np.asarray(w_codes)
-        if w_codes.ndim != 4 or w_codes.shape[2:] != (3, 3):
-            raise ValueError(f"w_codes: expected [O, C, 3, 3], got shape {w_codes.shape}")
-        o_n, c_in = w_codes.shape[:2]
-        z = levels(bits)
         if bits == 1:
             raise ValueError("CodeGemmConv takes 2- or 4-bit codes; binary layers use BitConv")
-        if z * z * 9 * c_in >= 1 << 24:
-            raise ValueError(f"{c_in} input channels at {bits} bits: sums could reach 2^24 and "
-                             f"stop being exact in float32")
+        w_codes, o_n, c_in, _ = check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits,
+                                                 None)
         super().__init__(o_n, c_in, 3, stride, 1, bias_row=False)
         self.bits, self.v0 = int(bits), float(v0)
         self.wmat = np.ascontiguousarray(w_codes.reshape(o_n, c_in * 9), dtype=np.float32)
