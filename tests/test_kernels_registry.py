@@ -1,12 +1,17 @@
 """The kernels of the registry that are not convs (the exit and the input normalization) against
-the NumPy reference, bit for bit, and a check that the kernel tests cover every registered
-kernel: a kernel added to the registry without a test of its kind fails here."""
+the NumPy reference, bit for bit; a check that the kernel tests cover every registered kernel
+(a kernel added to the registry without a test of its kind fails here); and that the kernel
+package imports nothing from the rest of xnorcdl."""
+import ast
+import pathlib
+
 import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import test_kernels_conv
+import xnorcdl.kernels
 from xnorcdl.kernels import reference as ref
 from xnorcdl.kernels.registry import KERNELS, KINDS, of_kind
 
@@ -82,3 +87,20 @@ def test_every_registered_kernel_is_tested():
         assert name in tested[k.kind], f"{name} ({k.kind}) is registered but not tested"
     for name, k in test_kernels_conv.QUANT_KERNELS.items():      # every precision it takes
         assert {b for n, b in test_kernels_conv.QUANT_CASES if n == name} == set(k.bits)
+
+
+def test_kernels_are_a_leaf_package():
+    """No kernel module imports the rest of xnorcdl (absolutely, or relatively from above)."""
+    files = sorted(pathlib.Path(xnorcdl.kernels.__path__[0]).glob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name}: from {'.' * node.level}{node.module}"
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[0] == "xnorcdl"]
+            assert not bad, f"{path.name} imports {bad}"
