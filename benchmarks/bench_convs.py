@@ -1,8 +1,9 @@
 """Per-layer convolution benchmark: every distinct 3x3 conv shape of ResNet-32 at batch 1.
 
-For each shape: the binary XNOR-popcount kernel, the 2- and 4-bit kernels (bit-plane popcount,
-direct int16, BLAS GEMM over codes), the float32 kernel (im2col + BLAS, BN folded; for the stem
-also the fixed-order kernel the edge uses, kernels/ordered.py), against NumPy
+For each shape: every conv kernel of kernels/registry.py at every precision it takes (the
+binary XNOR-popcount kernel, the 2- and 4-bit kernels: bit-plane popcount, direct int16, BLAS
+GEMM over codes; the float32 kernels: im2col + BLAS with BN folded, and the fixed-order kernel
+the edge uses, kernels/ordered.py), against NumPy
 float32 im2col + GEMM (``kernels/reference.py::conv2d``) and PyTorch ``conv2d`` (1 thread), all
 timed interleaved in one run. Every kernel is first checked against the reference (exact for the
 quantized ones). Our kernels include their BN/quantize/scale work; the peers do the bare conv.
@@ -32,9 +33,7 @@ import numpy as np  # noqa: E402
 
 from xnorcdl import quant  # noqa: E402
 from xnorcdl.kernels import reference as ref  # noqa: E402
-from xnorcdl.kernels.bitconv import BitConv  # noqa: E402
-from xnorcdl.kernels.codeconv import CodeConv  # noqa: E402
-from xnorcdl.kernels.gemmconv import CodeGemmConv, FloatGemmConv  # noqa: E402
+from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS  # noqa: E402
 
 POPCNT_PER_CYCLE = 4
 # (label, C_in, C_out, side, stride); the stem stays float32 at the edge
@@ -55,17 +54,17 @@ def build(c, o, side, stride, seed):
 
 
 def contenders(c, o, side, stride, seed, with_torch):
-    """name -> (callable, check) where check() verifies the result against the reference."""
+    """name -> (callable, check) where check() verifies the result against the reference: every
+    conv kernel of the registry (kernels/registry.py) at every precision it takes, and the peers."""
     x, w, bn_s, bn_t, o_s, o_t = build(c, o, side, stride, seed)
     out = {}
-    fl = FloatGemmConv(w, o_s, o_t, stride, 1, fold_bn=True)
-    want_f = ref.float_conv_bn(x, w, o_s, o_t, stride, 1)
-    out["float32 gemm"] = (lambda: fl(x), lambda: np.allclose(fl(x), want_f, atol=1e-4))
+    for name, k in FLOAT_KERNELS.items():
+        conv = k.build(w, o_s, o_t, stride, 1)
+        want = ref.float_conv_bn(x, w, o_s, o_t, stride, 1, ordered=k.exact)
+        check = ((lambda conv=conv, want=want: np.array_equal(conv(x), want)) if k.exact else
+                 (lambda conv=conv, want=want: np.allclose(conv(x), want, atol=1e-4)))
+        out[f"float32 {name}"] = ((lambda conv=conv: conv(x)), check)
     out["numpy im2col+gemm"] = (lambda: ref.conv2d(x, w, stride, 1), lambda: True)
-    if c == 3:      # the stem runs at the edge with its taps summed in a fixed order
-        fo = FloatGemmConv(w, o_s, o_t, stride, 1, fold_bn=False)
-        want_o = ref.float_conv_bn(x, w, o_s, o_t, stride, 1, ordered=True)
-        out["float32 ordered"] = (lambda: fo(x), lambda: np.array_equal(fo(x), want_o))
     if with_torch:
         import torch
         torch.set_num_threads(1)
@@ -79,20 +78,18 @@ def contenders(c, o, side, stride, seed, with_torch):
                 return conv2d(tx, tw, stride=stride, padding=1)
         out["torch conv2d"] = (run_torch, lambda: np.allclose(want_t, ref.conv2d(x, w, stride, 1),
                                                                atol=1e-4))
-    if c == 3:
+    if c == 3:      # the stem stays float32 at the edge
         return out
     for bits in (1, 2, 4):
         codes = quant.codes(w, bits)
         scale = quant.output_scale(w, bits)
         want = ref.quant_conv(x, bn_s, bn_t, codes, scale, bits, 1.0, stride)
-        variants = {"xnor_popcount" if bits == 1 else "bitplane_popcount":
-                    BitConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)}
-        if bits > 1:
-            variants["direct_int16"] = CodeConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)
-            variants["gemm_codes_blas"] = CodeGemmConv(codes, scale, bn_s, bn_t, bits, 1.0, stride)
-        for vname, k in variants.items():
-            out[f"{bits}-bit {vname}"] = (
-                (lambda k=k: k(x)), (lambda k=k, want=want: np.array_equal(k(x), want)))
+        for name, k in QUANT_KERNELS.items():
+            if bits in k.bits:
+                conv = k.build(codes, scale, bn_s, bn_t, bits, 1.0, stride)
+                out[f"{bits}-bit {name}"] = (
+                    (lambda conv=conv: conv(x)),
+                    (lambda conv=conv, want=want: np.array_equal(conv(x), want)))
     return out
 
 

@@ -27,9 +27,10 @@ import common  # noqa: E402  (pins BLAS/OpenMP threads before numpy is imported)
 import numpy as np  # noqa: E402
 
 from xnorcdl import engine  # noqa: E402
-from xnorcdl.executor import ReferenceExecutor, normalize  # noqa: E402
+from xnorcdl.backends.fast import FastExecutor  # noqa: E402
+from xnorcdl.backends.reference import ReferenceExecutor  # noqa: E402
 from xnorcdl.format import random_weights  # noqa: E402
-from xnorcdl.kernels.executor import FastExecutor  # noqa: E402
+from xnorcdl.kernels.reference import normalize  # noqa: E402
 from xnorcdl.model import build_model  # noqa: E402
 from xnorcdl.spec import ExitSpec, ModelSpec  # noqa: E402
 

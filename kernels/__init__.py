@@ -1,4 +1,8 @@
-"""Compute kernels of xnorcdl, importable as ``xnorcdl.kernels``.
+"""Compute kernels of xnorcdl, importable as ``xnorcdl.kernels``: a leaf package, importing
+nothing from the rest of xnorcdl (only NumPy and Numba), so that it can be read, tested and
+benchmarked on its own.
 
-``reference`` holds the pure-NumPy oracle every fast kernel is tested against.
+``reference`` holds the pure-NumPy oracle every fast kernel is tested against; ``registry``
+names every kernel the fast backend (:mod:`xnorcdl.backends.fast`) runs; ``quantize`` holds the
+quantizers' codes, the one definition :mod:`xnorcdl.quant` re-exports.
 """

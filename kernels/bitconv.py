@@ -41,25 +41,19 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
 from .bitpack import n_words, pack_activations, pack_weight_rows
 from .popcount import popcount
+from .quantize import levels
+from .shapes import check_quant_conv, out_size
 
 # border case flags: which window row / column falls on the zero padding
 TOP, BOTTOM, LEFT, RIGHT = 1, 2, 4, 8
-FLOAT32_EXACT = 1 << 24
-
-
-def out_size(size: int, stride: int) -> int:
-    """Output size of a 3x3, pad-1 convolution: (size + 2 - 3) // stride + 1."""
-    return (size - 1) // stride + 1
 
 
 def padding_corrections(w_codes: np.ndarray, bits: int) -> np.ndarray:
     """``corr[case, o] = Z * sum of u_w[o, c, r, k] over the padded taps of border case`` (int32
     ``[16, O]``); ``case`` ORs TOP (r = 0), BOTTOM (r = 2), LEFT (k = 0), RIGHT (k = 2)."""
-    z = quant.levels(bits)
+    z = levels(bits)
     w = np.asarray(w_codes, dtype=np.int64)
     corr = np.zeros((16, w.shape[0]), np.int64)
     for case in range(16):
@@ -221,7 +215,7 @@ def row_segments(act, channels, stride, wo, out):
 def border_cases(h: int, w: int, stride: int) -> np.ndarray:
     """int ``[Ho * Wo]``: the border case of every output pixel (0 inside the image), i.e. which
     rows/columns of its 3x3 window fall on the zero padding."""
-    ho, wo = out_size(h, stride), out_size(w, stride)
+    ho, wo = out_size(h, 3, stride, 1), out_size(w, 3, stride, 1)
     r0 = np.arange(ho) * stride                  # first window row / column, padded coordinates
     x0 = np.arange(wo) * stride
     cy = np.where(r0 == 0, TOP, 0) | np.where(r0 + 2 > h, BOTTOM, 0)
@@ -344,20 +338,8 @@ class BitConv:
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits: int = 1, v0: float = 1.0,
                  stride: int = 1):
-        w_codes = np.asarray(w_codes)
-        if w_codes.ndim != 4 or w_codes.shape[2:] != (3, 3):
-            raise ValueError(f"w_codes: expected [O, C, 3, 3], got shape {w_codes.shape}")
-        o_n, c_in = w_codes.shape[:2]
-        if stride not in (1, 2):
-            raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
-        z = quant.levels(bits)
-        if z * z * 9 * c_in >= FLOAT32_EXACT:
-            raise ValueError(f"{c_in} input channels at {bits} bits: integer sums could reach "
-                             f"2^24 and stop being exact in float32")
-        for name, arr, n in (("out_scale", out_scale, o_n), ("bn_scale", bn_scale, c_in),
-                             ("bn_shift", bn_shift, c_in)):
-            if np.shape(arr) != (n,):
-                raise ValueError(f"{name}: expected shape ({n},), got {np.shape(arr)}")
+        w_codes, o_n, c_in, z = check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits,
+                                                 stride)
         self.w_codes = w_codes.astype(np.int8)
         self.bits, self.v0, self.stride = int(bits), float(v0), int(stride)
         self.out_channels, self.in_channels = int(o_n), int(c_in)
@@ -375,7 +357,8 @@ class BitConv:
 
     def output_shape(self, x_shape):
         n, _, h, w = x_shape
-        return (n, self.out_channels, out_size(h, self.stride), out_size(w, self.stride))
+        s = self.stride
+        return (n, self.out_channels, out_size(h, 3, s, 1), out_size(w, 3, s, 1))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x = as_float32_nchw(x, self.in_channels)
@@ -389,7 +372,8 @@ class BitConv:
         """(Ho, Wo, base plane) for inputs of h x w, built on first use of that size."""
         geo = self._bases.get((h, w))
         if geo is None:
-            geo = self._bases[(h, w)] = (out_size(h, self.stride), out_size(w, self.stride),
+            s = self.stride
+            geo = self._bases[(h, w)] = (out_size(h, 3, s, 1), out_size(w, 3, s, 1),
                                          base_plane(self.corr, self.zzk, h, w, self.stride))
         return geo
 

@@ -17,7 +17,7 @@ With that convention the dot product of two K-long sign vectors a, w packed into
 because a_k w_k = +1 exactly when the two bits agree and -1 when they differ.
 
 **k-bit codes as bit planes.** A p-bit code is the odd integer ``u = 2q - Z`` (Z = 2^p - 1,
-q in 0..Z, :mod:`xnorcdl.quant`). Writing q = sum_i 2^i b_i (b_i in {0, 1}),
+q in 0..Z, :mod:`~xnorcdl.kernels.quantize`). Writing q = sum_i 2^i b_i (b_i in {0, 1}),
 
     u = 2 sum_i 2^i b_i - sum_i 2^i = sum_i 2^i (2 b_i - 1) = sum_i 2^i s_i,   s_i in {-1, +1},
 
@@ -37,9 +37,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
-from .quantize import batchnorm, kbit_level
+from .quantize import batchnorm, kbit_level, kbit_step, levels
 
 WORD_BITS = 64
 
@@ -84,7 +82,7 @@ def sign_planes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Odd codes u of a ``bits``-bit quantizer -> int8 sign planes ``s [bits, ...]`` with
     u = sum_i 2^i s[i] (see the module docstring); for bits = 1, ``s[0] = u``."""
     u = np.asarray(codes).astype(np.int64)
-    z = quant.levels(bits)
+    z = levels(bits)
     if np.any((u < -z) | (u > z) | ((u + z) % 2 != 0)):
         raise ValueError(f"codes must be odd integers in [-{z}, {z}] for {bits}-bit planes")
     q = (u + z) // 2
@@ -152,7 +150,7 @@ def pack_activations(x, scale, shift, bits, v0, out):
         return out
     out[:] = 0
     v0f = np.float32(v0)
-    step = np.float32(((1 << bits) - 1) / (2.0 * v0))     # Z / v1, rounded once as in quant.py
+    step = kbit_step(bits, v0)
     for c in range(c_in):
         j = c >> 6
         b = np.uint64(c & 63)

@@ -27,9 +27,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
-from .quantize import batchnorm, kbit_level
+from .quantize import batchnorm, kbit_level, kbit_step
+from .shapes import check_quant_conv, out_size
 
 
 GROUP = 8      # channels summed in int16 before widening (see stencil_dot)
@@ -51,7 +50,7 @@ def padded_codes(x, bn_scale, bn_shift, bits, v0, out):
     c_in, h, w = x.shape
     z = np.int16((1 << bits) - 1)
     v0f = np.float32(v0)
-    step = np.float32(((1 << bits) - 1) / (2.0 * v0))
+    step = kbit_step(bits, v0)
     out[:] = 0
     for c in range(c_in):
         s = bn_scale[c]
@@ -153,22 +152,10 @@ class CodeConv:
     """
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits, v0=1.0, stride=1):
-        w_codes = np.asarray(w_codes)
-        if w_codes.ndim != 4 or w_codes.shape[2:] != (3, 3):
-            raise ValueError(f"w_codes: expected [O, C, 3, 3], got shape {w_codes.shape}")
         if bits not in (2, 4):
             raise ValueError(f"bits: CodeConv takes 2 or 4, got {bits!r} (binary: BitConv)")
-        if stride not in (1, 2):
-            raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
-        o_n, c_in = w_codes.shape[:2]
-        z = quant.levels(bits)
-        if z * z * 9 * c_in >= 1 << 24:
-            raise ValueError(f"{c_in} input channels at {bits} bits: sums could reach 2^24 and "
-                             f"stop being exact in float32")
-        for name, arr, n in (("out_scale", out_scale, o_n), ("bn_scale", bn_scale, c_in),
-                             ("bn_shift", bn_shift, c_in)):
-            if np.shape(arr) != (n,):
-                raise ValueError(f"{name}: expected shape ({n},), got {np.shape(arr)}")
+        w_codes, o_n, c_in, _ = check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits,
+                                                 stride)
         self.out_channels, self.in_channels = int(o_n), int(c_in)
         self.bits, self.v0, self.stride = int(bits), float(v0), int(stride)
         self.w9 = np.ascontiguousarray(w_codes.reshape(o_n, c_in, 9), dtype=np.int16)
@@ -180,7 +167,7 @@ class CodeConv:
     def output_shape(self, x_shape):
         n, _, h, w = x_shape
         s = self.stride
-        return (n, self.out_channels, (h - 1) // s + 1, (w - 1) // s + 1)
+        return (n, self.out_channels, out_size(h, 3, s, 1), out_size(w, 3, s, 1))
 
     def __call__(self, x, out=None):
         x = np.ascontiguousarray(x, dtype=np.float32)

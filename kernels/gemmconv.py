@@ -15,14 +15,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from xnorcdl import quant
-
 from .ordered import ordered_gemm
 from .quantize import batchnorm, kbit_level, kbit_step
-
-
-def out_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+from .shapes import check_quant_conv, out_size
 
 
 @numba.njit(cache=True, nogil=True)
@@ -44,7 +39,7 @@ def pad_codes(x, bn_scale, bn_shift, bits, v0, out):
     n_s, c_in, h, w = x.shape
     z = (1 << bits) - 1
     v0f = np.float32(v0)
-    step = np.float32(z / (2.0 * v0))
+    step = kbit_step(bits, v0)
     out[:] = 0
     for n in range(n_s):
         for c in range(c_in):
@@ -232,23 +227,16 @@ class CodeGemmConv(_GemmConv):
     """
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits, v0=1.0, stride=1):
-        w_codes = np.asarray(w_codes)
-        if w_codes.ndim != 4 or w_codes.shape[2:] != (3, 3):
-            raise ValueError(f"w_codes: expected [O, C, 3, 3], got shape {w_codes.shape}")
-        o_n, c_in = w_codes.shape[:2]
-        z = quant.levels(bits)
         if bits == 1:
             raise ValueError("CodeGemmConv takes 2- or 4-bit codes; binary layers use BitConv")
-        if z * z * 9 * c_in >= 1 << 24:
-            raise ValueError(f"{c_in} input channels at {bits} bits: sums could reach 2^24 and "
-                             f"stop being exact in float32")
+        w_codes, o_n, c_in, _ = check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits,
+                                                 None)
         super().__init__(o_n, c_in, 3, stride, 1, bias_row=False)
         self.bits, self.v0 = int(bits), float(v0)
         self.wmat = np.ascontiguousarray(w_codes.reshape(o_n, c_in * 9), dtype=np.float32)
         self.out_scale = np.ascontiguousarray(out_scale, dtype=np.float32)
         self.bn_scale = np.ascontiguousarray(bn_scale, dtype=np.float32)
         self.bn_shift = np.ascontiguousarray(bn_shift, dtype=np.float32)
-        self.step = kbit_step(bits, v0)
 
     def __call__(self, x, out=None):
         x = self._check(x)

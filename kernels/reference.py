@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from xnorcdl import quant
-
-
-def out_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+from .quantize import codes
+from .shapes import out_size
 
 
 def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int) -> np.ndarray:
@@ -50,6 +47,22 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int = 1, pad: int = 0,
     return y.reshape(n, o, out_size(h, kh, stride, pad), out_size(wd, kw, stride, pad))
 
 
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """x = (pixels / 255 - mean[c]) / std[c], float32."""
+    x = images.astype(np.float32) / np.float32(255.0)
+    return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def avg_pool(x: np.ndarray, k: int) -> np.ndarray:
+    """Average pooling, kernel k, stride k, no padding, floor mode: [N,C,H,W] -> [N,C,H//k,W//k]."""
+    n, c, h, w = x.shape
+    ho, wo = h // k, w // k
+    x = x[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k)
+    # summation order made explicit (each window row, then the rows), so that a fast kernel can
+    # reproduce the float32 result bit for bit
+    return x.sum(axis=5, dtype=np.float32).sum(axis=3, dtype=np.float32) / np.float32(k * k)
+
+
 def batchnorm(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Inference BN as one float32 multiply-add per element: x * scale[c] + shift[c]."""
     return x * scale[None, :, None, None] + shift[None, :, None, None]
@@ -65,7 +78,7 @@ def quant_conv(x: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray, w_code
                out_scale: np.ndarray, bits: int, v0: float, stride: int, pad: int = 1) -> np.ndarray:
     """QuanConv (Fig. 2): BN -> quantize activations -> integer conv -> s[o] * sum (float32)."""
     y = batchnorm(x.astype(np.float32), bn_scale, bn_shift)
-    acc = int_conv(quant.codes(y, bits, v0), w_codes, stride, pad)
+    acc = int_conv(codes(y, bits, v0), w_codes, stride, pad)
     return acc.astype(np.float32) * out_scale[None, :, None, None]
 
 

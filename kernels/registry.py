@@ -1,70 +1,98 @@
-"""The table of convolution kernels: every variant under one name, tested through one suite.
+"""The table of kernels: every variant the fast backend can run, under one name, tested through
+one suite (tests/test_kernels_conv.py iterates :data:`KERNELS`) and timed by
+benchmarks/bench_convs.py.
 
-Quantized kernels (:data:`QUANT_KERNELS`) all take the prepared-layer arguments of a QuanConv,
-``build(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)``, and must equal
-``reference.quant_conv`` bit for bit on the precisions they list. Float kernels
-(:data:`FLOAT_KERNELS`) take ``build(weight, bn_scale, bn_shift, stride, pad)`` and must stay
-within the float32 bound documented in :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`
-(``exact`` marks the variant that reproduces the reference's ``ordered=True`` operations one for
-one).
+Each kernel has a kind; a kind fixes how a kernel is built and what it must equal:
 
-:func:`quant_kernel_for` is the choice the fast executor makes per layer; benchmarks/RESULTS.md
-holds the measurements behind it.
+========================  =====================================================================
+kind                      ``build(...)`` and the contract of what it returns
+========================  =====================================================================
+``quant_conv``            ``build(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)``
+                          -> ``conv(x)``; equals ``reference.quant_conv`` bit for bit on the
+                          precisions in ``bits``.
+``float_conv``            ``build(weight, bn_scale, bn_shift, stride, pad)`` ->
+                          ``conv(x, relu=False)``; within the float32 bound documented in
+                          :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`, or, where ``exact``,
+                          equal to ``reference.float_conv_bn(..., ordered=True)``.
+``binary_block``          ``build(conv1, conv2, shortcut, pad_channels)`` with two 1-bit
+                          :class:`~xnorcdl.kernels.bitconv.BitConv` -> ``block(x, given)``;
+                          equals ``quant_conv(quant_conv(x)) + shortcut(x)`` bit for bit.
+``pooled_linear``         ``build(weight, bias, pool)`` -> ``exit(x)``; equals
+                          ``reference.ordered_linear(reference.avg_pool(x, pool))`` bit for bit.
+``normalize``             ``build(mean, std)`` -> ``normalize(images, pad)``; equals
+                          ``reference.normalize`` with a zero border of ``pad``, bit for bit.
+========================  =====================================================================
+
+:func:`quant_kernel_for` is the choice the fast backend makes per quantized conv;
+benchmarks/RESULTS.md holds the measurements behind it.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Dict, Tuple
 
+from .binaryblock import BinaryBlock
 from .bitconv import BitConv
 from .codeconv import CodeConv
+from .exits import PooledLinear
 from .gemmconv import CodeGemmConv, FloatGemmConv
+from .normalize import Normalize
+from .shapes import out_size
+
+KINDS = ("quant_conv", "float_conv", "binary_block", "pooled_linear", "normalize")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     name: str
+    kind: str                   # one of KINDS
     bits: Tuple[int, ...]       # precisions it accepts (32 for float kernels)
     build: Callable
     exact: bool                 # bit-identical to the reference
     summary: str
 
 
-def _bitconv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride):
-    return BitConv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)
+def _binary_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: int):
+    return BinaryBlock(conv1, conv2, conv2.bn_scale, conv2.bn_shift, shortcut, pad_channels)
 
 
-def _codeconv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride):
-    return CodeConv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)
-
-
-def _codegemm(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride):
-    return CodeGemmConv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)
-
-
-QUANT_KERNELS: Dict[str, Kernel] = {k.name: k for k in (
-    Kernel("xnor_popcount", (1,), _bitconv, True,
+KERNELS: Dict[str, Kernel] = {k.name: k for k in (
+    Kernel("xnor_popcount", "quant_conv", (1,), BitConv, True,
            "binary: bit-im2col by kernel rows, K - 2 popcount(a XOR w), padding correction"),
-    Kernel("bitplane_popcount", (2, 4), _bitconv, True,
+    Kernel("bitplane_popcount", "quant_conv", (2, 4), BitConv, True,
            "k-bit as sign planes: sum 2^(i+j) (K - 2 popcount(A_i XOR W_j)), same kernel"),
-    Kernel("direct_int16", (2, 4), _codeconv, True,
+    Kernel("direct_int16", "quant_conv", (2, 4), CodeConv, True,
            "k-bit codes, direct 3x3 stencil, int16 partial sums, int32 accumulators"),
-    Kernel("gemm_codes_blas", (2, 4), _codegemm, True,
+    Kernel("gemm_codes_blas", "quant_conv", (2, 4), CodeGemmConv, True,
            "k-bit codes as float32, im2col + BLAS sgemm, exact below 2^24"),
-)}
-
-FLOAT_KERNELS: Dict[str, Kernel] = {k.name: k for k in (
-    Kernel("gemm_blas_folded", (32,),
+    Kernel("gemm_blas_folded", "float_conv", (32,),
            lambda w, s, t, stride, pad: FloatGemmConv(w, s, t, stride, pad, fold_bn=True), False,
            "float32 im2col + BLAS sgemm, BN folded into weights and a bias column"),
-    Kernel("gemm_ordered_unfolded", (32,),
+    Kernel("gemm_ordered_unfolded", "float_conv", (32,),
            lambda w, s, t, stride, pad: FloatGemmConv(w, s, t, stride, pad, fold_bn=False), True,
            "float32 im2col + taps summed in a fixed order (the edge's float convs), then BN"),
+    Kernel("binary_block_fused", "binary_block", (1,), _binary_block, True,
+           "two binary convs and the residual in one call; BN2 and sign as integer intervals"),
+    Kernel("pool_ordered_linear", "pooled_linear", (32,), PooledLinear, True,
+           "exit: average pool in NumPy's order, then features summed in a fixed order"),
+    Kernel("normalize_padded", "normalize", (8,), Normalize, True,
+           "uint8 pixels -> (x / 255 - mean) / std, written inside a zero border"),
 )}
+
+
+def of_kind(kind: str) -> Dict[str, Kernel]:
+    """The registered kernels of one kind, by name."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    return {name: k for name, k in KERNELS.items() if k.kind == kind}
+
+
+QUANT_KERNELS = of_kind("quant_conv")
+FLOAT_KERNELS = of_kind("float_conv")
 
 
 def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int], stride: int = 1) -> Kernel:
-    """The kernel the fast executor uses for a QuanConv with input ``(C, H, W)``.
+    """The kernel the fast backend uses for a QuanConv with input ``(C, H, W)``.
 
     From benchmarks/bench_convs.py on the 2-core AVX2 machine (benchmarks/RESULTS.md):
 
@@ -75,11 +103,17 @@ def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int], stride: int = 1)
       outputs its short loops lose to one BLAS sgemm over the codes. 16 plane pairs never win.
     """
     c, h, w = in_shape
-    out_pixels = ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    out_pixels = out_size(h, 3, stride, 1) * out_size(w, 3, stride, 1)
     if bits == 1:
-        return QUANT_KERNELS["xnor_popcount"]
+        return KERNELS["xnor_popcount"]
     if bits == 2:
-        return QUANT_KERNELS["direct_int16" if h * w >= 1024 else "bitplane_popcount"]
+        return KERNELS["direct_int16" if h * w >= 1024 else "bitplane_popcount"]
     if bits == 4:
-        return QUANT_KERNELS["direct_int16" if out_pixels >= 256 else "gemm_codes_blas"]
+        return KERNELS["direct_int16" if out_pixels >= 256 else "gemm_codes_blas"]
     raise ValueError(f"bits: expected 1, 2 or 4, got {bits!r}")
+
+
+def float_kernel_for(exact: bool) -> Kernel:
+    """The fast backend's float conv: the fixed-order kernel at the edge (``exact``: the same
+    bits as the reference on every machine), BLAS with BN folded in the cloud."""
+    return KERNELS["gemm_ordered_unfolded" if exact else "gemm_blas_folded"]

@@ -15,18 +15,19 @@ def bn(x, a, prefix, eps):
 
 
 def conv(x, w, stride, pad):
-    """Direct convolution of one sample x [C, H, W] with w [O, C, k, k]: loops over o, c, i, j."""
+    """Direct convolution of one sample x [C, H, W] with w [O, C, k, k]: loops over c, i, j,
+    each adding one shifted input plane times one weight per output channel."""
     c, h, wd = x.shape
     o, _, k, _ = w.shape
     xp = np.zeros((c, h + 2 * pad, wd + 2 * pad))
     xp[:, pad:pad + h, pad:pad + wd] = x
     ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
     out = np.zeros((o, ho, wo))
-    for oc in range(o):
-        for ic in range(c):
-            for i in range(k):
-                for j in range(k):
-                    out[oc] += w[oc, ic, i, j] * xp[ic, i:i + stride * ho:stride, j:j + stride * wo:stride]
+    for ic in range(c):
+        for i in range(k):
+            for j in range(k):
+                plane = xp[ic, i:i + stride * ho:stride, j:j + stride * wo:stride]
+                out += w[:, ic, i, j, None, None] * plane[None]
     return out
 
 

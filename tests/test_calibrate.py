@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_spec, random_images
 from test_infer import write_cifar10
-from xnorcdl import calibrate, engine, tradeoff
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl import backends, calibrate, engine, tradeoff
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.format import load_weights
 from xnorcdl.model import load_model
 
@@ -21,14 +21,13 @@ from xnorcdl.model import load_model
 def test_replay_on_outputs_equals_algorithm_1(weights_file, backend, exits):
     """decide(outputs(...), t) gives the predictions and exits of engine.run(..., t), for
     thresholds that split the batch at every exit, none, and all."""
-    from xnorcdl.api import make_executor
     model = load_model(weights_file(make_spec(edge_convs=4, exits=exits), seed=len(exits)))
     images = random_images(40, seed=3)
-    outs = engine.outputs(model, images, make_executor(model, backend), batch_size=7)
+    outs = engine.outputs(model, images, backends.get(backend)(model), batch_size=7)
     assert len(outs) == len(exits) + 1 and all(o.shape == (40, 10) for o in outs)
     med = [float(np.median(engine.entropy(o))) for o in outs[:-1]]
     for thr in (med, [0.0] * len(exits), [1e9] * len(exits)):
-        res = engine.run(model, images, make_executor(model, backend), thr, batch_size=5)
+        res = engine.run(model, images, backends.get(backend)(model), thr, batch_size=5)
         pred, where = calibrate.decide(outs, thr)
         np.testing.assert_array_equal(where, res.exit_index)
         np.testing.assert_array_equal(pred, res.predictions)

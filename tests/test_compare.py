@@ -17,7 +17,7 @@ from scipy import stats as scipy_stats  # the test extra's oracle for McNemar's 
 from conftest import make_spec, random_images
 from test_infer import write_cifar10
 from xnorcdl import calibrate, compare, engine
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.model import load_model
 
 

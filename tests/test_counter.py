@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xnorcdl import counter, engine
-from xnorcdl import executor as ex
+from xnorcdl.backends import reference as ex
 from xnorcdl.counter import FINAL
 from xnorcdl.format import random_weights
 from xnorcdl.kernels import reference as ref

@@ -28,9 +28,9 @@ import sys
 import numpy as np
 from threadpoolctl import threadpool_limits
 threadpool_limits(1)
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.backends.fast import FastExecutor
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.format import random_weights
-from xnorcdl.kernels.executor import FastExecutor
 from xnorcdl.model import build_model
 from xnorcdl.spec import ExitSpec, ModelSpec
 

@@ -1,14 +1,16 @@
-"""Algorithm 1 semantics: entropy, strictness, thresholds, batching."""
+"""Algorithm 1 semantics (entropy, strictness, thresholds) with both backends; whole networks
+against the naive forward pass and against each other are in test_network_grid.py."""
 import math
 
 import numpy as np
 import pytest
 
 from conftest import make_spec, random_images
-from xnorcdl import engine
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl import backends, engine
 from xnorcdl.format import random_weights
 from xnorcdl.model import build_model
+
+each_backend = pytest.mark.parametrize("backend", list(backends.BACKENDS))
 
 
 def test_entropy_of_uniform_is_log_c():
@@ -40,44 +42,35 @@ def _model(thresholds, seed=0):
     return build_model(spec, random_weights(spec, seed))
 
 
-def test_threshold_zero_means_no_exit():
+@each_backend
+def test_threshold_zero_means_no_exit(backend):
     m = _model([0.0, 0.0])
-    res = engine.run(m, random_images(8), ReferenceExecutor(m))
+    res = engine.run(m, random_images(8), backends.get(backend)(m))
     assert (res.exit_index == engine.FINAL).all()
     assert not np.isnan(res.entropies).any()  # every exit was evaluated
 
 
-def test_huge_threshold_exits_everything_at_first_exit():
+@each_backend
+def test_huge_threshold_exits_everything_at_first_exit(backend):
     m = _model([1e9, 1e9])
-    res = engine.run(m, random_images(8), ReferenceExecutor(m))
+    res = engine.run(m, random_images(8), backends.get(backend)(m))
     assert (res.exit_index == 0).all()
     assert np.isnan(res.entropies[:, 1]).all()  # exit 1 never evaluated
 
 
-def test_strict_inequality_at_equality():
+@each_backend
+def test_strict_inequality_at_equality(backend):
     m = _model([0.0, 0.0])
     images = random_images(4)
-    h = engine.run(m, images, ReferenceExecutor(m)).entropies[:, 0]
-    at = engine.run(m, images, ReferenceExecutor(m), thresholds=[float(h[0]), 0.0])
+    h = engine.run(m, images, backends.get(backend)(m)).entropies[:, 0]
+    at = engine.run(m, images, backends.get(backend)(m), thresholds=[float(h[0]), 0.0])
     assert at.exit_index[0] == engine.FINAL  # H == threshold does not exit
-    above = engine.run(m, images, ReferenceExecutor(m), thresholds=[float(np.nextafter(h[0], 10)), 0.0])
+    above = engine.run(m, images, backends.get(backend)(m), thresholds=[float(np.nextafter(h[0], 10)), 0.0])
     assert above.exit_index[0] == 0
 
 
-def test_batching_does_not_change_decisions():
-    m = _model([0.0, 0.0], seed=4)
-    images = random_images(12, seed=2)
-    h = engine.run(m, images, ReferenceExecutor(m)).entropies
-    thr = [float(np.median(h[:, 0])), float(np.median(h[:, 1]))]
-    one = engine.run(m, images, ReferenceExecutor(m), thr, batch_size=1)
-    many = engine.run(m, images, ReferenceExecutor(m), thr, batch_size=5)
-    assert (one.exit_index == many.exit_index).all()
-    assert (one.predictions == many.predictions).all()
-    np.testing.assert_allclose(one.logits, many.logits, rtol=1e-5, atol=1e-5)
-    assert len(set(one.exit_index.tolist())) > 1
-
-
-def test_wrong_number_of_thresholds():
+@each_backend
+def test_wrong_number_of_thresholds(backend):
     m = _model([0.0, 0.0])
     with pytest.raises(ValueError, match="threshold"):
-        engine.run(m, random_images(1), ReferenceExecutor(m), thresholds=[1.0])
+        engine.run(m, random_images(1), backends.get(backend)(m), thresholds=[1.0])

@@ -1,8 +1,9 @@
-"""Every registered conv kernel against the NumPy reference (kernels/reference.py).
+"""Every registered conv and block kernel against the NumPy reference (kernels/reference.py).
 
 Quantized kernels must be bit-identical to ``reference.quant_conv``; float kernels must stay
 within the float32 error bound derived in ``FloatGemmConv`` (or be bit-identical where the
-registry says so). Inputs are generated from a drawn seed so hypothesis can shrink shapes.
+registry says so); binary block kernels must equal two reference convs plus the shortcut.
+Inputs are generated from a drawn seed so hypothesis can shrink shapes.
 """
 import numba
 import numpy as np
@@ -11,9 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xnorcdl import quant
 from xnorcdl.kernels import reference as ref
-from xnorcdl.kernels.binaryblock import BinaryBlock, sign_intervals
+from xnorcdl.kernels.binaryblock import sign_intervals
 from xnorcdl.kernels.bitconv import BitConv
-from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS
+from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS, of_kind
 
 SLOW = numba.config.DISABLE_JIT          # kernels run as plain Python: fewer, smaller cases
 MAX_C, MAX_HW = (70, 9) if SLOW else (130, 17)
@@ -22,6 +23,7 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 QUANT_CASES = [(name, bits) for name, k in QUANT_KERNELS.items() for bits in k.bits]
+BLOCK_KERNELS = of_kind("binary_block")
 
 
 def bn_inputs(rng, n, c, h, w):
@@ -214,20 +216,21 @@ def reference_block(x, p1, p2, kind, stride, sc):
     return t + sc
 
 
+@pytest.mark.parametrize("name", list(BLOCK_KERNELS))
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), c=st.one_of(st.sampled_from([16, 32, 64, 65]),
                                                     st.integers(1, MAX_C // 2)),
        h=st.integers(1, MAX_HW), w=st.integers(1, MAX_HW),
        geometry=st.sampled_from([(1, "identity"), (2, "zero_pad"), (2, "conv1x1"),
                                  (1, "conv1x1")]))
-def test_binary_block_exact(seed, c, h, w, geometry):
+def test_binary_block_exact(name, seed, c, h, w, geometry):
     stride, kind = geometry
     if kind == "zero_pad" and c % 2:
         c += 1                                          # zero-pad needs an even width
     x, p1, p2, sc = block_case(seed, c, h, w, stride, kind)
     conv1 = BitConv(p1[2], p1[3], p1[0], p1[1], 1, 1.0, stride)
     conv2 = BitConv(p2[2], p2[3], p2[0], p2[1], 1, 1.0, 1)
-    block = BinaryBlock(conv1, conv2, p2[0], p2[1], kind, c // 2 if kind == "zero_pad" else 0)
+    block = BLOCK_KERNELS[name].build(conv1, conv2, kind, c // 2 if kind == "zero_pad" else 0)
     got = block(x, sc)
     want = reference_block(x, p1, p2, kind, stride, sc)
     assert np.array_equal(got, want)

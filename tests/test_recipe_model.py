@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason="the training recipe needs torch (pi
 import recipe_support  # noqa: E402,F401  (puts weights/recipe/ on sys.path)
 from xnorcdl import engine  # noqa: E402
 from xnorcdl import quant  # noqa: E402
-from xnorcdl.executor import ReferenceExecutor  # noqa: E402
+from xnorcdl.backends.reference import ReferenceExecutor  # noqa: E402
 from xnorcdl.format import load_weights, random_weights, save_weights  # noqa: E402
 from xnorcdl.model import load_model  # noqa: E402
 from xnorcdl.spec import ExitSpec, ModelSpec  # noqa: E402

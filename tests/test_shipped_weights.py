@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from xnorcdl import engine
-from xnorcdl.executor import ReferenceExecutor
+from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.model import load_model
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
@@ -68,7 +68,7 @@ def test_shipped_weights_reproduce_documented_figures(name):
 @pytest.mark.parametrize("name", sorted(_figures()["files"]))
 def test_shipped_weights_reproduce_full_test_figures_with_the_fast_backend(name):
     """The figures weights/README.md quotes: all 10000 test images through the fast backend."""
-    from xnorcdl.kernels.executor import FastExecutor
+    from xnorcdl.backends.fast import FastExecutor
     want, model, images, labels = _shipped(name)
     full = want.get("full_test")
     if full is None:

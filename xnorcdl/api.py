@@ -29,20 +29,13 @@ BACKENDS = ("fast", "reference")
 
 
 def make_executor(model, backend: str, option: str = "backend"):
-    """The executor named ``backend`` for a prepared ``model``: ``reference`` (NumPy, the
-    oracle) or ``fast`` (Numba kernels; needs numba). The one place backends are mapped."""
-    if backend == "reference":
-        from .executor import ReferenceExecutor
-        return ReferenceExecutor(model)
-    if backend != "fast":
-        raise UsageError(f"{option}: expected one of {', '.join(BACKENDS)}, got {backend!r}",
-                         where=option)
-    try:
-        from .kernels.executor import FastExecutor
-    except ImportError as exc:  # the fast kernels need numba
-        raise UsageError(f"{option} fast is unavailable ({exc}); use {option} reference",
-                         where=option) from None
-    return FastExecutor(model)
+    """The executor named ``backend`` for a prepared ``model`` (:func:`xnorcdl.backends.get`):
+    ``reference`` (NumPy, the oracle) or ``fast`` (Numba kernels)."""
+    from . import backends
+    if backend not in backends.BACKENDS:
+        raise UsageError(f"{option}: expected one of {', '.join(backends.BACKENDS)}, got "
+                         f"{backend!r}", where=option)
+    return backends.get(backend)(model)
 
 
 def check_thresholds(values: Sequence[float], n_exits: int, option: str = "thresholds"

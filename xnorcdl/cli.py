@@ -37,9 +37,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
              "put CIFAR-10 in place (official binary records, MD5-verified)"),
 }
 
-CIFAR10_FILES = frozenset({f"data_batch_{i}.bin" for i in range(1, 6)} | {"test_batch.bin"})
 VALIDATION = "validation"
-VAL_FILE, VAL_START = "data_batch_5.bin", 5000  # the recipe's split: training images 45000..49999
 VALIDATION_HELP = "'validation': CIFAR-10 training images 45000..49999"
 FORMAT_HELP = {"cifar10": "label byte + 3072 pixel bytes",
                "cifar100": "coarse, fine label bytes + 3072; the fine label is used",
@@ -267,9 +265,9 @@ def parse_rules(text: str, option: str = "--rules") -> List[str]:
 
 def resolve_images(path: str, fetch: bool) -> str:
     """An existing path, or a CIFAR-10 file name looked up in the data cache."""
+    from .data import CIFAR10_FILES, cifar10_dir, default_dest
     if os.path.exists(path) or os.path.basename(path) != path or path not in CIFAR10_FILES:
         return path
-    from .data import cifar10_dir, default_dest
     cached = os.path.join(default_dest(), path)
     if os.path.isfile(cached):  # placed atomically after its MD5 check by `xnorcdl.data`
         return cached
@@ -310,6 +308,7 @@ def labelled_set(which: str, rng: Optional[str], option: str, range_option: str,
     """(name, images, labels) of a labelled set given as ``option``: a record file, or
     ``validation`` (CIFAR-10 training images 45000..49999); then records A..B-1 of it when
     ``rng`` is ``A:B`` (errors name ``range_option``)."""
+    from .data import VAL_FILE, VAL_SIZE, VAL_START
     if which != VALIDATION:
         path = resolve_images(which, fetch)
         images, labels = labelled(path, fmt, None, classes, option)
@@ -320,9 +319,9 @@ def labelled_set(which: str, rng: Optional[str], option: str, range_option: str,
                              f"--format {fmt}", where=option)
         path = resolve_images(VAL_FILE, fetch)
         images, labels = labelled(path, "cifar10", None, classes, option)
-        if len(images) != 2 * VAL_START:
+        if len(images) != VAL_START + VAL_SIZE:
             raise UsageError(f"{option} validation: {path} holds {len(images)} records, expected "
-                             f"{2 * VAL_START}", where=option)
+                             f"{VAL_START + VAL_SIZE}", where=option)
         images, labels, offset = images[VAL_START:], labels[VAL_START:], VAL_START
     if rng is None:
         return (f"{path}[{offset}:]" if offset else path), images, labels

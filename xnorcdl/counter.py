@@ -26,12 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .engine import FINAL
+from .kernels.shapes import out_size
 from .model import Block, FloatConv, Linear, Model, QuantConv, Shortcut
 from .spec import IMAGE_SHAPE
 
 FLOAT_BITS = 32     # float32 activations, float weights, BN scale/shift, output scales
 PIXEL_BITS = 8      # uint8 input pixels
-FINAL = -1          # exit index of a sample that continued to the head (as xnorcdl.engine.FINAL)
 
 EDGE, CLOUD = "edge", "cloud"
 
@@ -88,11 +89,6 @@ class LayerCount:
 
 
 # ---- geometry ---------------------------------------------------------------------------------
-
-def out_size(size: int, k: int, stride: int, pad: int) -> int:
-    """Output length for k taps, stride s, padding p on each side: (n + 2p - k) // s + 1."""
-    return (size + 2 * pad - k) // stride + 1
-
 
 def valid_taps_1d(size: int, k: int, stride: int, pad: int) -> int:
     """Pairs (output position o, tap t) whose input index o*s - p + t lies in [0, size).

@@ -40,6 +40,13 @@ from .records import PIXEL_BYTES, DataError, pack_records, read_records
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
 CIFAR10_FILES = TRAIN_FILES + (TEST_FILE,)
+FILE_RECORDS = 10000                            # images in each CIFAR-10 file
+TRAIN_SIZE = len(TRAIN_FILES) * FILE_RECORDS    # 50000
+#: the validation split (the recipe's and the commands'): the last VAL_SIZE training images,
+#: 45000..49999, never trained on; they are records VAL_START.. of VAL_FILE
+VAL_SIZE = 5000
+VAL_FILE = TRAIN_FILES[-1]
+VAL_START = FILE_RECORDS - VAL_SIZE
 CIFAR10_MD5 = {
     "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
     "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",

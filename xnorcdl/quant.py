@@ -10,39 +10,17 @@ With Z = 2^p - 1 levels and the symmetric constants v1 = 2 v0, v2 = 1/2:
 
 So a quantized convolution is ``alpha[o] * (v0/Z)^2 * sum(u_a u_w)``: an exact integer sum
 and one float32 scale per output channel (:func:`output_scale`). All float arithmetic here is
-float32, in the order written, so every backend that follows it gets the same codes.
+float32, in the order written, so every backend that follows it gets the same codes. The codes
+themselves (:func:`levels`, :func:`sign_codes`, :func:`kbit_codes`, :func:`codes`) are defined
+once, in :mod:`xnorcdl.kernels.quantize`, beside the scalar forms the kernels compile.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .kernels.quantize import codes, kbit_codes, levels, sign_codes
 
-def levels(bits: int) -> int:
-    """Z = 2^p - 1, the number of quantization steps."""
-    if bits not in (1, 2, 4):
-        raise ValueError(f"bits: expected 1, 2 or 4, got {bits!r}")
-    return (1 << bits) - 1
-
-
-def sign_codes(y: np.ndarray) -> np.ndarray:
-    """sign with sign(0) = +1, as int8 in {-1, +1}. NaN maps to -1 (never produced by valid weights)."""
-    return np.where(np.asarray(y) >= 0, np.int8(1), np.int8(-1))
-
-
-def kbit_codes(y: np.ndarray, bits: int, v0: float = 1.0) -> np.ndarray:
-    """Odd integer codes u = 2q - Z of eq. (1)/(3) for p = 2 or 4 (int8)."""
-    z = levels(bits)
-    y = np.asarray(y, dtype=np.float32)
-    v0 = np.float32(v0)
-    k = np.float32(z / (2.0 * float(v0)))  # Z / v1 with v1 = 2 v0
-    yc = np.clip(y, -v0, v0)
-    q = np.floor((yc + v0) * k + np.float32(0.5))
-    return (2 * q.astype(np.int16) - z).astype(np.int8)
-
-
-def codes(y: np.ndarray, bits: int, v0: float = 1.0) -> np.ndarray:
-    """Integer codes of activations or weights at ``bits`` precision."""
-    return sign_codes(y) if bits == 1 else kbit_codes(y, bits, v0)
+__all__ = ["alpha", "codes", "dequantize", "kbit_codes", "levels", "output_scale", "sign_codes"]
 
 
 def dequantize(u: np.ndarray, bits: int, v0: float = 1.0) -> np.ndarray:

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: the last images of the CIFAR-10 training split held out for validation
-VAL_SIZE = 5000
+from xnorcdl.data import VAL_SIZE  # noqa: F401  (re-exported: the last training images, held out)
 
 
 class Data:

@@ -36,8 +36,8 @@ from run_records import sha256_of  # noqa: E402
 from val_scoring import conditional, decide, predict  # noqa: E402
 from xnorcdl import engine  # noqa: E402
 from xnorcdl.data import load_cifar10  # noqa: E402
-from xnorcdl.executor import ReferenceExecutor  # noqa: E402
-from xnorcdl.kernels.executor import FastExecutor  # noqa: E402
+from xnorcdl.backends.reference import ReferenceExecutor  # noqa: E402
+from xnorcdl.backends.fast import FastExecutor  # noqa: E402
 from xnorcdl.model import load_model  # noqa: E402
 
 

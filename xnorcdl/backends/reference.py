@@ -1,16 +1,5 @@
-"""How a backend runs the prepared layers of :mod:`xnorcdl.model`.
-
-Algorithm 1 (:mod:`xnorcdl.engine`) sees a backend only through this interface, so a backend is
-free to keep activations in any layout (packed, channels-last) between calls:
-
-* ``stem(images) -> state``     normalisation, stem conv, BN, ReLU (uint8 ``[N, 3, 32, 32]`` in)
-* ``block(b, state) -> state``   residual block b
-* ``exit(k, state) -> logits``   early exit k on the output of its block (float32 ``[N, classes]``)
-* ``head(state) -> logits``      global average pool and the final linear layer
-* ``select(state, idx) -> state`` keep only the samples ``idx`` (those that continue to the cloud)
-
-:class:`ReferenceExecutor` is the plain NumPy path, channels-first, written to be read: the
-oracle every faster backend is compared with.
+"""The reference backend: :class:`ReferenceExecutor`, plain NumPy, channels-first, written to be
+read; the oracle every faster backend is compared with (interface: :mod:`xnorcdl.backends`).
 
 The edge's float layers (stem, edge 1x1 shortcut convs, exits) sum their products in a fixed
 order (``ordered=True``, :mod:`xnorcdl.kernels.ordered`), so the edge and every exit decision
@@ -20,31 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import reference as ref
-from .model import Block, FloatConv, Linear, Model, QuantConv, Shortcut
-
-
-def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """x = (pixels / 255 - mean[c]) / std[c], float32."""
-    x = images.astype(np.float32) / np.float32(255.0)
-    return (x - mean[None, :, None, None]) / std[None, :, None, None]
-
-
-def avg_pool(x: np.ndarray, k: int) -> np.ndarray:
-    """Average pooling, kernel k, stride k, no padding, floor mode: [N,C,H,W] -> [N,C,H//k,W//k]."""
-    n, c, h, w = x.shape
-    ho, wo = h // k, w // k
-    x = x[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k)
-    # summation order made explicit (each window row, then the rows), so that a fast backend can
-    # reproduce the float32 result bit for bit
-    return x.sum(axis=5, dtype=np.float32).sum(axis=3, dtype=np.float32) / np.float32(k * k)
+from ..kernels import reference as ref
+from ..model import Block, Linear, Model, QuantConv, Shortcut
 
 
 def linear(x: np.ndarray, layer: Linear, ordered: bool = False) -> np.ndarray:
     """Exit (pool 3, flatten (c, h, w)) or head (global average pool), then W f + b (summed
     over the features in order when ordered: the exits)."""
     if layer.pool:
-        f = avg_pool(x, layer.pool).reshape(x.shape[0], -1)
+        f = ref.avg_pool(x, layer.pool).reshape(x.shape[0], -1)
     else:
         f = x.mean(axis=(2, 3), dtype=np.float32)
     if ordered:
@@ -88,7 +61,7 @@ class ReferenceExecutor:
         self.model = model
 
     def stem(self, images: np.ndarray) -> np.ndarray:
-        x = normalize(images, self.model.mean, self.model.std)
+        x = ref.normalize(images, self.model.mean, self.model.std)
         return np.maximum(conv(x, self.model.stem, ordered=True), 0)
 
     def block(self, b: int, x: np.ndarray) -> np.ndarray:
