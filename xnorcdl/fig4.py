@@ -1,0 +1,101 @@
+"""Fig. 4 of the paper from a design-space document (:mod:`xnorcdl.explore`): accuracy against
+energy per sample, one series per edge bit depth with and without the early exit.
+
+Series: the joint single-exit points of each bit depth, joined in order of M (solid: Algorithm 1
+with the first rule's thresholds; dashed: the same files with their exits closed, every sample
+to the cloud, i.e. the hybrid of section III.A). Other points (separate optimization, two exits)
+are drawn alone, the full-precision baseline as a star, and the points on the Pareto front
+(with exits) carry their "16E+14C" labels. matplotlib (Agg) draws it: plotting is what it is
+for, and nothing in the engine depends on it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import List
+
+COLORS = {1: "#d62728", 2: "#1f77b4", 4: "#2ca02c"}
+
+
+def _series(doc: dict, rule: str, table: str):
+    joint, other = {}, []
+    for p in doc["points"]:
+        single = len(p["exits_after_conv"]) == 1 and p["strategy"] == "joint"
+        (joint.setdefault(p["edge_bits"], []).append(p) if single else other.append(p))
+    for pts in joint.values():
+        pts.sort(key=lambda p: p["edge_convs"])
+    return joint, other
+
+
+def _xy(p: dict, rule: str, table: str, exits: bool):
+    row = p["rules"][rule] if exits else p["no_exit"]
+    return row["energy"][table]["total_pJ"] / 1e6, 100 * row["accuracy"]
+
+
+def _save(fig, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fig4-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
+    """Write ``stem.png`` and ``stem.svg``; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rule = doc["rules"][0]
+    joint, other = _series(doc, rule, table)
+    front = set(doc["pareto"][table]["with_exits"])
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for bits in sorted(joint):
+        pts, c = joint[bits], COLORS.get(bits, "k")
+        xs, ys = zip(*[_xy(p, rule, table, True) for p in pts])
+        ax.plot(xs, ys, "-o", color=c, label=f"{bits}-bit edge, with exit ({rule})")
+        xs, ys = zip(*[_xy(p, rule, table, False) for p in pts])
+        ax.plot(xs, ys, "--s", color=c, alpha=0.55, mfc="none",
+                label=f"{bits}-bit edge, without exit")
+    for p in other:
+        x, y = _xy(p, rule, table, True)
+        kind = "2 exits" if len(p["exits_after_conv"]) > 1 else p["strategy"]
+        ax.plot([x], [y], "D", color=COLORS.get(p["edge_bits"], "k"), mfc="none", ms=8)
+        ax.annotate(f"{p['config']} {p['edge_bits']}b, {kind}", (x, y), textcoords="offset points",
+                    xytext=(6, -12), fontsize=7, color="dimgray")
+    for p in doc["points"]:
+        if p["file"] in front:
+            x, y = _xy(p, rule, table, True)
+            ax.annotate(p["config"], (x, y), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8, weight="bold")
+    if doc.get("baseline"):
+        b = doc["baseline"]["no_exit"]
+        ax.plot([b["energy"][table]["total_pJ"] / 1e6], [100 * b["accuracy"]], "*", ms=14,
+                color="k", label="full precision (32-bit), no exit")
+    unfinished = [p for p in doc["points"] if not p["final"]]
+    depths = sorted({p["depth"] for p in doc["points"]})
+    title = (f"CIFAR-10, ResNet-{'/'.join(map(str, depths))}: accuracy vs energy per sample")
+    if unfinished:
+        title += f"\n({len(unfinished)} of {len(doc['points'])} points still in training)"
+    ax.set_title(title)
+    ax.set_xlabel(f"energy per sample (uJ, {doc['energy_tables'][table]['mac_convention']} MACs, "
+                  "paper Table I)")
+    ax.set_ylabel(f"test accuracy (%), {doc['evaluation']['samples']} images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, -0.02, "without exit = the same files with their exits closed (every sample "
+             "to the cloud); diamonds: separate optimization or two exits", fontsize=7,
+             color="dimgray")
+    out = []
+    for ext in ("png", "svg"):
+        path = f"{stem}.{ext}"
+        _save(fig, path)
+        out.append(path)
+    plt.close(fig)
+    return out
