@@ -11,7 +11,7 @@ from conftest import make_spec, random_images
 from xnorcdl import calibrate, design_space, engine, explore
 from xnorcdl.energy import energy_summary, load_energy_table
 from xnorcdl.format import random_weights, save_weights
-from xnorcdl.infer import make_executor
+from xnorcdl.api import make_executor
 from xnorcdl.model import load_model
 from xnorcdl.records import pack_records
 

@@ -35,6 +35,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
                 "two weights files on the same labelled images, sample by sample"),
     "data": ("xnorcdl.data",
              "put CIFAR-10 in place (official binary records, MD5-verified)"),
+    "explore": ("xnorcdl.explore",
+                "the design space of a folder of weights files: Fig. 4, Tables II-IV"),
 }
 
 VALIDATION = "validation"

@@ -22,18 +22,13 @@ import sys
 import time
 from typing import List, Optional
 
-from threadpoolctl import threadpool_limits
-
+from . import cli
 from . import design_space as ds
 from . import engine
-from .energy import EnergyTableError, load_energy_table
-from .format import WeightsError
-from .infer import UsageError, make_executor, resolve_images
-from .progress import Progress
-from .records import DataError
-from .report import check_destination, emit_json
-from .spec import SpecError
-from .tradeoff import VALIDATION, _labelled, labelled_set, check_positive
+from .cli import VALIDATION, VALIDATION_HELP
+from .energy import load_energy_table
+from .errors import UsageError
+from .report import emit_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_TABLE = os.path.join(HERE, "energy_table_paper.json")
@@ -41,105 +36,88 @@ DEFAULT_RULES = ds.STORED
 OUTPUTS = ("design_space.json", "fig4_cifar10.png", "fig4_cifar10.svg", "tables.md")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m xnorcdl explore",
-                                 description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
     a("--weights-dir", required=True, help="folder of weights files (.npz directly in it)")
-    a("--images", default="test_batch.bin", help="labelled evaluation records")
-    a("--calib", default=VALIDATION,
-      help="labelled calibration records for rules other than 'stored'; 'validation': CIFAR-10 "
-           "training images 45000..49999")
+    g = cli.add_images(ap, default="test_batch.bin", help="labelled evaluation records",
+                       formats=("cifar10",))
+    g.add_argument("--calib", default=VALIDATION,
+                   help=f"labelled calibration records for rules other than 'stored'; "
+                        f"{VALIDATION_HELP}")
+    g.add_argument("--calib-limit", type=int, default=None,
+                   help="use only the first N calibration samples (default: all)")
     a("--rules", default=DEFAULT_RULES,
       help="comma-separated threshold rules: stored (each file's own thresholds), fixed:T, "
            "within:D, exits:P, accuracy:A; the first one draws Fig. 4")
     a("--baseline", default=os.path.join("weights", "r32_fp.npz"),
       help="full-precision reference file the energy ratios are taken against ('' for none)")
     a("--out", required=True, help="folder to write the results into (created if missing)")
-    a("--limit", type=int, default=None, help="use only the first N evaluation samples")
-    a("--calib-limit", type=int, default=None, help="use only the first N calibration samples")
-    a("--backend", default="fast", choices=["fast", "reference"])
-    a("--batch-size", type=int, default=100, help="samples per batch")
-    a("--threads", type=int, default=1, help="BLAS threads for the float32 layers")
+    cli.add_backend(ap)
     a("--energy", default=None, metavar="FILE",
-      help="the main energy table (JSON, docs/COUNTING.md); default: the paper's Table I with "
-           "valid-tap MACs; the paper-style table is always priced beside it")
-    a("--json", default=None, metavar="PATH", help="also write design_space.json here ('-': stdout)")
-    a("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
-    a("--no-progress", action="store_true", help="no progress bar on stderr")
-    return ap
+      help="the main energy table (JSON, docs/COUNTING.md) (default: the paper's Table I with "
+           "valid-tap MACs); the paper-style table is always priced beside it")
+    cli.add_json(ap, "design_space.json")
+    cli.add_progress(ap)
 
 
 def parse_rules(text: str) -> List[str]:
-    from . import calibrate
     rules = [r.strip() for r in text.split(",") if r.strip()]
     if not rules:
-        raise UsageError("--rules: expected at least one rule")
-    for r in rules:
-        if r != ds.STORED:
-            try:
-                calibrate.parse_rule(r)
-            except ValueError as exc:
-                raise UsageError(f"--rules: {exc} (or 'stored')") from None
+        raise UsageError("--rules: expected at least one rule", where="--rules")
+    cli.parse_rules(",".join(r for r in rules if r != ds.STORED) or "fixed:0")
     return rules
 
 
-def run(args) -> dict:
+def measure(args) -> dict:
     rules = parse_rules(args.rules)
-    check_positive(args, "--batch-size", "--threads")
-    for opt in ("limit", "calib_limit"):
-        v = getattr(args, opt)
-        if v is not None and v < 1:
-            raise UsageError(f"--{opt.replace('_', '-')}: expected a positive integer, got {v}")
+    cli.check_positive(args, "--batch-size", "--threads", "--limit", "--calib-limit")
     if not os.path.isdir(args.weights_dir):
-        raise UsageError(f"--weights-dir {args.weights_dir}: not a folder")
+        raise UsageError(f"--weights-dir {args.weights_dir}: not a folder", where="--weights-dir")
     files = ds.grid_files(args.weights_dir)
     if not files:
-        raise UsageError(f"--weights-dir {args.weights_dir}: holds no .npz file")
+        raise UsageError(f"--weights-dir {args.weights_dir}: holds no .npz file",
+                         where="--weights-dir")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
-    if args.json and args.json != "-":
-        check_destination(args.json, "--json")
+        raise UsageError(f"--out {args.out}: exists and is not a folder", where="--out")
+    cli.check_outputs(args, "--json")
     tables = {"default": load_energy_table(args.energy), "paper": load_energy_table(PAPER_TABLE)}
     models = [(f, ds.load_point(f)) for f in files]
     classes = {m.spec.num_classes for _, m in models}
     if len(classes) != 1:
         raise UsageError(f"--weights-dir {args.weights_dir}: the files disagree on the number of "
-                         f"classes {sorted(classes)}")
+                         f"classes {sorted(classes)}", where="--weights-dir")
     n_classes = classes.pop()
     base = None
     if args.baseline:
         base = ds.load_point(args.baseline)
         if base.spec.num_classes != n_classes:
             raise UsageError(f"--baseline {args.baseline}: {base.spec.num_classes} classes, the "
-                             f"grid has {n_classes}")
-    ev_path = resolve_images(args.images, args.fetch)
-    ev_x, ev_y = _labelled(ev_path, "cifar10", args.limit, n_classes, "--images")
+                             f"grid has {n_classes}", where="--baseline")
+    ev_path = cli.resolve_images(args.images, args.fetch)
+    ev_x, ev_y = cli.labelled(ev_path, "cifar10", args.limit, n_classes, "--images")
     need_calib = any(r != ds.STORED for r in rules)
     cal_path = cal_x = cal_y = None
     if need_calib:
-        cal_path, cal_x, cal_y = labelled_set(args.calib, None, "--calib", "--calib-range",
-                                              "cifar10", args.fetch, n_classes)
+        cal_path, cal_x, cal_y = cli.labelled_set(args.calib, None, "--calib", "--calib-range",
+                                                  "cifar10", args.fetch, n_classes)
         if args.calib_limit:
             cal_x, cal_y = cal_x[:args.calib_limit], cal_y[:args.calib_limit]
-    on = None if not args.no_progress else False
     points = []
     t0 = time.time()
-    with threadpool_limits(args.threads):
+    with cli.threads(args):
         for i, (path, model) in enumerate(models):
-            ex = make_executor(model, args.backend)
+            ex = cli.executor(model, args.backend)
             label = f"[{i + 1}/{len(models)}] {os.path.basename(path)}"
-            with Progress(len(ev_x) + (len(cal_x) if need_calib else 0), label, enabled=on) as bar:
+            with cli.progress(args, len(ev_x) + (len(cal_x) if need_calib else 0), label) as bar:
                 e_outs = engine.outputs(model, ev_x, ex, args.batch_size, bar)
                 c = ((engine.outputs(model, cal_x, ex, args.batch_size, bar), cal_y)
                      if need_calib else (e_outs, ev_y))
             points.append(ds.measure_point(path, model, c, (e_outs, ev_y), rules, tables))
         baseline = None
         if base is not None:
-            with Progress(len(ev_x), "baseline " + os.path.basename(args.baseline),
-                          enabled=on) as bar:
-                b_outs = engine.outputs(base, ev_x, make_executor(base, args.backend),
+            with cli.progress(args, len(ev_x), "baseline " + os.path.basename(args.baseline)) \
+                    as bar:
+                b_outs = engine.outputs(base, ev_x, cli.executor(base, args.backend),
                                         args.batch_size, bar)
             baseline = ds.baseline_record(args.baseline, base, (b_outs, ev_y), tables)
     ds.ratios_vs(baseline, points, tables)
@@ -158,9 +136,8 @@ def write_outputs(doc: dict, out: str) -> List[str]:
     from . import fig4, paper_tables
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, "design_space.json")]
-    status = emit_json(doc, written[0])
-    if status:
-        raise UsageError(f"--out {out}: cannot write design_space.json")
+    if emit_json(doc, written[0]):
+        raise UsageError(f"--out {out}: cannot write design_space.json", where="--out")
     written += fig4.draw(doc, os.path.join(out, "fig4_cifar10"))
     path = os.path.join(out, "tables.md")
     paper_tables.write(doc, path)
@@ -184,18 +161,17 @@ def summary_lines(doc: dict) -> List[str]:
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        doc = run(args)
-        written = write_outputs(doc, args.out)
-    except (WeightsError, SpecError, EnergyTableError, UsageError, DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = sys.stderr if args.json == "-" else sys.stdout
+def run(args: argparse.Namespace) -> int:
+    doc = measure(args)
+    written = write_outputs(doc, args.out)
+    out = cli.text_out(args)
     print("\n".join(summary_lines(doc)), file=out)
     print("wrote " + ", ".join(written), file=out)
     return emit_json(doc, args.json) if args.json else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return cli.run(sys.modules[__name__], argv, "python -m xnorcdl explore")
 
 
 if __name__ == "__main__":
