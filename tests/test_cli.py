@@ -36,7 +36,8 @@ def test_table_summary_is_the_module_docstring_line():
         assert callable(mod.add_arguments) and callable(mod.run) and callable(mod.main)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["infer", "--help"], ["tradeoff", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["infer", "--help"], ["tradeoff", "--help"],
+                                  ["explore", "--help"], ["edge", "--help"]])
 def test_help_imports_no_numba(argv):
     r = python("-X", "importtime", "-m", "xnorcdl", *argv)
     assert r.returncode == 0, r.stderr

@@ -164,6 +164,16 @@ def test_bad_options_give_one_error_line(result, capsys, argv, needle):
     assert not os.path.exists(grid / "bad")
 
 
+def test_partial_points_are_taken_only_where_no_final_file_exists(tmp_path):
+    spec = make_spec(edge_convs=2, exits=[(2, 0.5)])
+    os.makedirs(tmp_path / "partial")
+    for path in ("a.npz", "partial/a.npz", "partial/b.npz", "partial/b.tmp.npz"):
+        save_weights(str(tmp_path / path), spec, random_weights(spec))
+    assert design_space.grid_files(str(tmp_path)) == [str(tmp_path / "a.npz")]
+    assert design_space.grid_files(str(tmp_path), include_partial=True) == [
+        str(tmp_path / "a.npz"), str(tmp_path / "partial" / "b.npz")]
+
+
 def test_empty_folder_is_refused(tmp_path, capsys):
     os.makedirs(tmp_path / "empty")
     assert explore.main(["--weights-dir", str(tmp_path / "empty"), "--out",

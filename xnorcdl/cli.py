@@ -37,6 +37,9 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
              "put CIFAR-10 in place (official binary records, MD5-verified)"),
     "explore": ("xnorcdl.explore",
                 "the design space of a folder of weights files: Fig. 4, Tables II-IV"),
+    "split": ("xnorcdl.split", "a weights file as an edge artifact and a cloud artifact"),
+    "cloud": ("xnorcdl.cloud", "serve the cloud half over HTTP (uvicorn, or Ray Serve)"),
+    "edge": ("xnorcdl.edge", "run the edge half against a cloud service"),
 }
 
 VALIDATION = "validation"

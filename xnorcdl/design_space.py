@@ -18,7 +18,6 @@ and energy at most as low, one of them strictly).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import calibrate, engine
 from .energy import energy_summary
+from .files import sha256_of
 from .model import Model, load_model
 
 FORMAT = "xnorcdl-design-space"
@@ -39,20 +39,19 @@ def config_name(model: Model) -> str:
     return f"{spec.edge_convs}E+{spec.num_convs - spec.edge_convs}C"
 
 
-def grid_files(folder: str) -> List[str]:
-    """The ``.npz`` files directly in ``folder`` (not in sub-folders such as ``partial/``),
-    sorted by name."""
-    names = sorted(n for n in os.listdir(folder)
-                   if n.endswith(".npz") and os.path.isfile(os.path.join(folder, n)))
-    return [os.path.join(folder, n) for n in names]
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def grid_files(folder: str, include_partial: bool = False) -> List[str]:
+    """The ``.npz`` files directly in ``folder``, sorted by name; with ``include_partial`` also
+    ``folder/partial/NAME.npz`` for every NAME that has no final file yet (a point in
+    training, ``weights/recipe/grid.py``)."""
+    def npz(d):
+        return {n for n in os.listdir(d) if n.endswith(".npz") and not n.endswith(".tmp.npz")
+                and os.path.isfile(os.path.join(d, n))} if os.path.isdir(d) else set()
+    final = npz(folder)
+    paths = {n: os.path.join(folder, n) for n in final}
+    if include_partial:
+        part = os.path.join(folder, "partial")
+        paths.update({n: os.path.join(part, n) for n in npz(part) - final})
+    return [paths[n] for n in sorted(paths)]
 
 
 def describe(path: str, model: Model) -> dict:

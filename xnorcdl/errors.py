@@ -39,3 +39,19 @@ class DataError(XnorcdlError):
 
 class UsageError(XnorcdlError):
     """A bad option or argument value; the message names the option."""
+
+
+class ArtifactError(XnorcdlError):
+    """An edge or cloud artifact (``python -m xnorcdl split``) that cannot be used."""
+
+
+class WireError(XnorcdlError):
+    """A wire message (docs/PROTOCOL.md) that breaks the protocol; ``where`` names the field."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message, where=field or None)
+        self.field = field
+
+
+class CloudError(XnorcdlError):
+    """The cloud could not be reached in time, or refused a request."""

@@ -1,4 +1,4 @@
-"""``python -m xnorcdl explore``: the design space of a folder of weights files, measured and drawn.
+"""``python -m xnorcdl explore``: the design space of a folder of weights files: Fig. 4, Tables II-IV
 
 Every ``.npz`` directly in ``--weights-dir`` (a grid such as ``weights/grid``) is run once over
 the calibration set and once over ``--images`` with every exit and the head evaluated;
@@ -39,6 +39,9 @@ OUTPUTS = ("design_space.json", "fig4_cifar10.png", "fig4_cifar10.svg", "tables.
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
     a("--weights-dir", required=True, help="folder of weights files (.npz directly in it)")
+    a("--include-partial", action="store_true",
+      help="also take WEIGHTS_DIR/partial/NAME.npz for each point without a final file (the "
+           "provisional state of a point in training; marked as such in every output)")
     g = cli.add_images(ap, default="test_batch.bin", help="labelled evaluation records",
                        formats=("cifar10",))
     g.add_argument("--calib", default=VALIDATION,
@@ -73,7 +76,7 @@ def measure(args) -> dict:
     cli.check_positive(args, "--batch-size", "--threads", "--limit", "--calib-limit")
     if not os.path.isdir(args.weights_dir):
         raise UsageError(f"--weights-dir {args.weights_dir}: not a folder", where="--weights-dir")
-    files = ds.grid_files(args.weights_dir)
+    files = ds.grid_files(args.weights_dir, args.include_partial)
     if not files:
         raise UsageError(f"--weights-dir {args.weights_dir}: holds no .npz file",
                          where="--weights-dir")

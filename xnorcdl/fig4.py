@@ -10,9 +10,9 @@ for, and nothing in the engine depends on it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import List
+
+from .files import atomic_path
 
 COLORS = {1: "#d62728", 2: "#1f77b4", 4: "#2ca02c"}
 
@@ -33,17 +33,8 @@ def _xy(p: dict, rule: str, table: str, exits: bool):
 
 
 def _save(fig, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fig4-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def draw(doc: dict, stem: str, table: str = "default") -> List[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from typing import Dict, Tuple
 
@@ -98,17 +97,9 @@ def save_weights(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> N
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     _check_arrays(path, spec, arrays)
     meta = np.frombuffer(json.dumps(spec.to_json_dict(), indent=1).encode("utf-8"), np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".xnorcdl-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{META_KEY: meta}, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a weights file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .files import atomic_write
+    with atomic_write(path, "wb", ".npz") as f:
+        np.savez(f, **{META_KEY: meta}, **arrays)
 
 
 def random_weights(spec: ModelSpec, seed: int = 0) -> Dict[str, np.ndarray]:

@@ -12,7 +12,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import quant
 from .spec import IMAGE_SHAPE, ModelSpec
 
 
@@ -127,6 +126,7 @@ def _float_conv(arrays, prefix, w_name, stride, pad, eps, edge) -> FloatConv:
 def _quant_conv(arrays, prefix, stride, spec: ModelSpec) -> QuantConv:
     scale, shift = bn_affine(arrays, prefix, spec.bn_eps)
     w = arrays[f"{prefix}.weight"]
+    from . import quant  # imports the jitted quantizers: only when a quantized conv is built
     return QuantConv(prefix, quant.codes(w, spec.edge_bits, spec.v0),
                      quant.output_scale(w, spec.edge_bits, spec.v0), scale, shift,
                      spec.edge_bits, float(spec.v0), stride)

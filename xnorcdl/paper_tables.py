@@ -9,8 +9,9 @@ and activations from memory) and the paper-style (dense MACs, weights read once)
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
+
+from .files import atomic_write
 
 #: Table II (CIFAR-10 row): % of early exits and accuracy, separate vs joint, 16E+14C binary
 PAPER_II = {"separate": (24.1, 88.72), "joint": (52.8, 89.16)}
@@ -133,15 +134,5 @@ def render(doc: dict) -> str:
 
 def write(doc: dict, path: str) -> None:
     """``tables.md`` at ``path``, atomically."""
-    text = render(doc)
-    fd, tmp = tempfile.mkstemp(prefix=".tables-", suffix=".md",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(render(doc))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 from .errors import UsageError
 
@@ -32,17 +31,11 @@ def emit_json(doc: dict, dest: str) -> int:
     if dest == "-":
         print(text)
         return 0
-    tmp = None
+    from .files import atomic_write
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".xnorcdl-", suffix=".json",
-                                   dir=os.path.dirname(os.path.abspath(dest)))
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(dest, "w", ".json") as f:
             f.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
     except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         print(f"error: {dest}: cannot write the JSON ({exc})", file=sys.stderr)
         return 2
     return 0

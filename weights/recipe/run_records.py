@@ -1,7 +1,6 @@
 """What a training run records: its log, checkpoints, and the provenance of its inputs."""
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import time
@@ -9,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from xnorcdl.files import sha256_of  # noqa: F401 (the recipe's scripts import it from here)
 from xnorcdl.format import load_weights
 
 
@@ -48,14 +48,6 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}"
             + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def init_record(path: Optional[str]) -> dict:

@@ -95,7 +95,8 @@ class FastExecutor:
     def __init__(self, model: Model):
         self.model = model
         self.normalize = KERNELS["normalize_padded"].build(model.mean, model.std)
-        self.stem_conv = _float_conv(model.stem, exact=True)
+        # a split's cloud half has no stem (xnorcdl.split)
+        self.stem_conv = None if model.stem is None else _float_conv(model.stem, exact=True)
         self.blocks = [_PreparedBlock(blk) for blk in model.blocks]
         exit_kernel = KERNELS["pool_ordered_linear"]
         self.exits = [exit_kernel.build(e.weight, e.bias, e.pool) for e in model.exits]
