@@ -44,7 +44,9 @@ def test_help_imports_no_numba(argv):
     imported = [ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines()
                 if ln.startswith("import time:")]
     assert "numpy" in imported or argv == ["--help"]
-    assert not [m for m in imported if m.startswith("numba") or "kernels" in m], imported
+    pure = {"xnorcdl.kernels", "xnorcdl.kernels.shapes"}  # shape arithmetic, no jitted code
+    assert not [m for m in imported if m.startswith("numba") or ("kernels" in m and m not in pure)], \
+        imported
     if argv == ["--help"]:
         assert "numpy" not in imported  # the table alone, no command module
 

@@ -121,3 +121,35 @@ def test_edge_command_errors_are_one_line(model, tmp_path, capsys):
     assert edge_main(["--weights", e_path, "--images", "x.bin", "--cloud", "ftp://h"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --cloud") and "Traceback" not in err
+
+
+def test_sigterm_drains_requests_in_flight(model):
+    """Requests waiting in the batcher when SIGTERM arrives are answered; then the process
+    exits 0 and refuses new connections."""
+    import concurrent.futures as cf
+    import signal
+
+    import httpx
+
+    from xnorcdl import wire
+    from xnorcdl.split import load_cloud
+    _, e_path, c_path = model
+    part = load_cloud(c_path)
+    cloud = CloudProcess(c_path, free_port(), "--max-wait-ms", "800", "--max-batch", "64").start()
+    x = np.zeros((2,) + part.feature_shape, np.float32)
+    body = wire.encode(wire.FEATURES, part.model_id, [0, 1], x)
+
+    def post():
+        return httpx.post(cloud.url + "/v1/infer", content=body, trust_env=False, timeout=60,
+                          headers={"content-type": wire.CONTENT_TYPE}).status_code
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(post) for _ in range(4)]
+            time.sleep(0.3)                       # all four wait for their batch
+            cloud.proc.send_signal(signal.SIGTERM)
+            codes = [f.result() for f in futs]
+        assert codes == [200] * 4
+        # uvicorn re-raises the signal once drained: a shell sees 143 (128 + SIGTERM)
+        assert cloud.proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        cloud.stop()

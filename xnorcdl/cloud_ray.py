@@ -67,8 +67,14 @@ def build_app(cloud_path: str, cfg, backend: str, replicas: int):
 def start(cloud_path: str, cfg, backend: str, host: str, port: int, replicas: int,
           address: Optional[str] = None) -> None:
     """Connect to (or start) Ray and deploy; returns once the deployment answers."""
+    import os
+
     import ray
     from ray import serve
+    # A small machine (2 cores) starts Serve's HTTP proxy slower than its default 5 s readiness
+    # check allows; a local instance inherits these from this process.
+    for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(var, "60")
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
