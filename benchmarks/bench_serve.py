@@ -42,10 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_uvicorn(cloud: str, batching: bool, max_batch: int, wait_ms: float):
+def start_uvicorn(cloud: str, batching: bool, max_batch: int, wait_ms: float, threads: int = 1):
     port = free_port()
     cmd = [sys.executable, "-m", "xnorcdl.cloud", "--weights", cloud, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms)]
+           "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms), "--threads", str(threads)]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -101,6 +101,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="per client at most")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads of the cloud process")
     ap.add_argument("--ray", action="store_true", help="also measure the Ray Serve deployment")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -115,7 +116,8 @@ def main() -> int:
     rows = []
     servers = [("uvicorn", True), ("uvicorn", False)]
     for server, batching in servers:
-        url, proc = start_uvicorn(rep["cloud"], batching, args.max_batch, args.max_wait_ms)
+        url, proc = start_uvicorn(rep["cloud"], batching, args.max_batch, args.max_wait_ms,
+                                  args.threads)
         try:
             r = httpx.post(url + "/v1/infer", content=body, trust_env=False, timeout=60,
                            headers={"content-type": wire.CONTENT_TYPE})
