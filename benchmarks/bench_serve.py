@@ -1,9 +1,11 @@
 """Cloud service under load on loopback: throughput and latency with batching on and off,
 uvicorn and Ray Serve, for 1, 4, 16 and 64 concurrent edge clients.
 
-Each client is a thread that sends one cloud-bound sample per request (what a device whose
-sample missed the exit does), waits for the reply, and sends the next, for ``--seconds`` (or
-``--requests`` per client, whichever ends first). The cloud runs in its own process (uvicorn)
+Each client sends one cloud-bound sample per request (what a device whose sample missed the
+exit does), waits for the reply, and sends the next, for ``--seconds``: ``--load wrk`` (the
+default where the ``wrk`` program is installed) opens that many connections from one wrk thread,
+``--load python`` runs that many Python threads with httpx (which then compete with the service
+for the CPU). The cloud runs in its own process (uvicorn)
 or on a local Ray instance, on 127.0.0.1 only. Reported per configuration: samples per second
 served, p50 and p99 request latency, the mean cloud batch (from /metrics) and the bytes on the
 wire per sample (request + reply). The ratio column divides by batching off at the same
@@ -18,6 +20,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,6 +88,42 @@ def load(url: str, body: bytes, clients: int, seconds: float, requests: int):
             "p99_ms": 1e3 * float(np.percentile(lat, 99))}
 
 
+WRK_LUA = """local f = io.open(os.getenv("XNORCDL_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "application/x-xnorcdl"
+"""
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * scale
+    raise ValueError(text)
+
+
+def load_wrk(url: str, body: bytes, clients: int, seconds: float):
+    """The same load from wrk (C, one thread, ``clients`` connections): the clients then
+    take little of the CPU the service runs on."""
+    tmp = tempfile.mkdtemp(prefix="bench-wrk-")
+    with open(os.path.join(tmp, "body.bin"), "wb") as f:
+        f.write(body)
+    with open(os.path.join(tmp, "post.lua"), "w") as f:
+        f.write(WRK_LUA)
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, int(seconds))}s", "--latency",
+                          "-s", os.path.join(tmp, "post.lua"), url + "/v1/infer"],
+                         capture_output=True, text=True, timeout=seconds + 60,
+                         env={**os.environ, "XNORCDL_BODY": os.path.join(tmp, "body.bin")}).stdout
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw failed requests:\n{out}")
+    lat = {ln.split()[0]: _ms(ln.split()[1]) for ln in out.splitlines()
+           if ln.strip().startswith(("50%", "99%"))}
+    rps = float(out.split("Requests/sec:")[1].split()[0])
+    return {"requests": int(out.split(" requests in")[0].split()[-1]), "samples_per_s": rps,
+            "p50_ms": lat["50%"], "p99_ms": lat["99%"]}
+
+
 def mean_batch(url: str) -> float:
     text = httpx.get(url + "/metrics", trust_env=False).text
     vals = dict(line.rsplit(" ", 1) for line in text.splitlines()
@@ -102,6 +141,9 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads of the cloud process")
+    ap.add_argument("--load", default="wrk" if shutil.which("wrk") else "python",
+                    choices=("wrk", "python"),
+                    help="load generator: wrk (C; Debian package wrk) or Python threads with httpx")
     ap.add_argument("--ray", action="store_true", help="also measure the Ray Serve deployment")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -125,8 +167,10 @@ def main() -> int:
             assert np.allclose(got, want, rtol=1e-5, atol=1e-5), "the service disagrees"
             reply_bytes = len(r.content)
             for k in clients:
-                row = {"server": server, "batching": batching, "clients": k,
-                       **load(url, body, k, args.seconds, args.requests)}
+                run = (load_wrk(url, body, k, args.seconds) if args.load == "wrk"
+                       else load(url, body, k, args.seconds, args.requests))
+                row = {"server": server, "batching": batching, "clients": k, "load": args.load,
+                       **run}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             rows[-1]["mean_batch"] = mean_batch(url)
@@ -142,8 +186,10 @@ def main() -> int:
                         "fast", "127.0.0.1", port, 1)
         try:
             for k in clients:
-                row = {"server": "ray", "batching": True, "clients": k,
-                       **load(f"http://127.0.0.1:{port}", body, k, args.seconds, args.requests)}
+                ray_url = f"http://127.0.0.1:{port}"
+                run = (load_wrk(ray_url, body, k, args.seconds) if args.load == "wrk"
+                       else load(ray_url, body, k, args.seconds, args.requests))
+                row = {"server": "ray", "batching": True, "clients": k, "load": args.load, **run}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
