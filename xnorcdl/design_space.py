@@ -26,7 +26,7 @@ import numpy as np
 from . import calibrate, engine
 from .energy import energy_summary
 from .files import sha256_of
-from .model import Model, load_model
+from .model import Model
 
 FORMAT = "xnorcdl-design-space"
 VERSION = 1
@@ -161,6 +161,3 @@ def ratios_vs(baseline: Optional[dict], points: Sequence[dict], tables) -> None:
                 "energy_ratio": {t: b["energy"][t]["total_pJ"] / row["energy"][t]["total_pJ"]
                                  for t in tables}}
 
-
-def load_point(path: str) -> Model:
-    return load_model(path)

@@ -28,12 +28,12 @@ from . import engine
 from .cli import VALIDATION, VALIDATION_HELP
 from .energy import load_energy_table
 from .errors import UsageError
+from .model import load_model
 from .report import emit_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_TABLE = os.path.join(HERE, "energy_table_paper.json")
 DEFAULT_RULES = ds.STORED
-OUTPUTS = ("design_space.json", "fig4_cifar10.png", "fig4_cifar10.svg", "tables.md")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -84,7 +84,7 @@ def measure(args) -> dict:
         raise UsageError(f"--out {args.out}: exists and is not a folder", where="--out")
     cli.check_outputs(args, "--json")
     tables = {"default": load_energy_table(args.energy), "paper": load_energy_table(PAPER_TABLE)}
-    models = [(f, ds.load_point(f)) for f in files]
+    models = [(f, load_model(f)) for f in files]
     classes = {m.spec.num_classes for _, m in models}
     if len(classes) != 1:
         raise UsageError(f"--weights-dir {args.weights_dir}: the files disagree on the number of "
@@ -92,7 +92,7 @@ def measure(args) -> dict:
     n_classes = classes.pop()
     base = None
     if args.baseline:
-        base = ds.load_point(args.baseline)
+        base = load_model(args.baseline)
         if base.spec.num_classes != n_classes:
             raise UsageError(f"--baseline {args.baseline}: {base.spec.num_classes} classes, the "
                              f"grid has {n_classes}", where="--baseline")

@@ -17,7 +17,7 @@ from .files import atomic_path
 COLORS = {1: "#d62728", 2: "#1f77b4", 4: "#2ca02c"}
 
 
-def _series(doc: dict, rule: str, table: str):
+def _series(doc: dict):
     joint, other = {}, []
     for p in doc["points"]:
         single = len(p["exits_after_conv"]) == 1 and p["strategy"] == "joint"
@@ -44,7 +44,7 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
     import matplotlib.pyplot as plt
 
     rule = doc["rules"][0]
-    joint, other = _series(doc, rule, table)
+    joint, other = _series(doc)
     front = set(doc["pareto"][table]["with_exits"])
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for bits in sorted(joint):
