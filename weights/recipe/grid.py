@@ -50,7 +50,7 @@ EPOCHS = {4: 3, 2: 4, 1: 8}
 #: from the full-precision network (alpha 0.9, T 4) with the gradient norm clipped at 5
 COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "4",
           "--clip-grad", "5", "--lr", "0.02", "--sched", "cosine", "--warmup", "0.05",
-          "--batch", "128", "--seed", "0", "--threads", "2", "--eval-every", "1",
+          "--batch", "128", "--seed", "0", "--eval-every", "1",
           "--log-every", "50", "--threshold-rule", RULE]
 
 
@@ -81,10 +81,10 @@ def final_path(name: str) -> str:
     return os.path.join(GRID, name + ".npz")
 
 
-def command(point: Dict) -> List[str]:
+def command(point: Dict, threads: int = 2) -> List[str]:
     return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + COMMON
-            + point["args"] + ["--out", final_path(point["name"]), "--partial", PARTIAL,
-                               "--stop-after", "1"])
+            + ["--threads", str(threads)] + point["args"]
+            + ["--out", final_path(point["name"]), "--partial", PARTIAL, "--stop-after", "1"])
 
 
 def progress(name: str) -> Optional[dict]:
@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated point names (default: all)")
     ap.add_argument("--rounds", type=int, default=0,
                     help="stop after N rounds of one epoch per unfinished point (0: until done)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch CPU threads per run (1 leaves a core for other work)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -135,12 +137,12 @@ def main(argv=None) -> int:
             where = "new" if state is None else f"phase {state['phase']} epoch {state['epoch']}"
             log(f"round {rounds + 1}, point {k + 1}/{len(todo)}: {p['name']} ({where})")
             if args.dry_run:
-                print(" ".join(command(p)) if "args" in p else f"copy {p['copy']}")
+                print(" ".join(command(p, args.threads)) if "args" in p else f"copy {p['copy']}")
                 continue
             if "copy" in p:
                 copy_point(p, log)
                 continue
-            subprocess.run(command(p), check=True, cwd=ROOT)
+            subprocess.run(command(p, args.threads), check=True, cwd=ROOT)
         rounds += 1
         if args.dry_run:
             break
