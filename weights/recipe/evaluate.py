@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Test figures of shipped weights files: ``python weights/recipe/evaluate.py weights/*.npz``.
+"""Test figures of shipped weights files: ``python weights/recipe/evaluate.py weights/*.npz``
+(or ``weights/grid/*.npz``: the files of one call share a folder).
 
 For each file:
 
@@ -11,8 +12,9 @@ For each file:
 * the whole test split through the engine's fast backend (the figures weights/README.md
   quotes): correct predictions and exit counts.
 
-``--write`` records the engine figures in ``weights/figures.json``, which
-tests/test_shipped_weights.py checks.
+``--write`` records the engine figures in ``figures.json`` beside the files (``weights/`` and
+``weights/grid/``), which tests/test_shipped_weights.py checks. ``--skip-torch`` measures the
+engine figures alone (no PyTorch import).
 
 The test split is read here only, after training and threshold calibration are final.
 """
@@ -25,16 +27,13 @@ import sys
 import time
 
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the recipe's own modules
 
-from qat_resnet import model_from_file  # noqa: E402
-from run_records import sha256_of  # noqa: E402
-from val_scoring import conditional, decide, predict  # noqa: E402
 from xnorcdl import engine  # noqa: E402
+from xnorcdl.files import atomic_write, sha256_of  # noqa: E402
 from xnorcdl.data import load_cifar10  # noqa: E402
 from xnorcdl.backends.reference import ReferenceExecutor  # noqa: E402
 from xnorcdl.backends.fast import FastExecutor  # noqa: E402
@@ -49,10 +48,17 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    folders = {os.path.dirname(os.path.abspath(p)) for p in args.files}
+    if len(folders) != 1:
+        ap.error("the files of one call must share a folder (its figures.json)")
+    if not args.skip_torch:
+        import torch
+        from qat_resnet import model_from_file
+        from val_scoring import conditional, decide, predict
+        torch.set_num_threads(args.threads)
     x, y = load_cifar10("test")
     x = np.ascontiguousarray(x)
-    fig_path = os.path.join(os.path.dirname(HERE), "figures.json")
+    fig_path = os.path.join(folders.pop(), "figures.json")
     figs = {"subset": {"first_test_images": args.subset, "split": "CIFAR-10 test_batch.bin",
                        "executor": "reference"}, "files": {}}
     if os.path.exists(fig_path):
@@ -63,11 +69,10 @@ def main(argv=None) -> int:
     report = {}
     for path in args.files:
         name = os.path.basename(path)
-        model_t = model_from_file(path)
-        spec = model_t.spec
-        thr = [e.threshold for e in spec.exits]
         r = {"sha256": sha256_of(path)}
         if not args.skip_torch:
+            model_t = model_from_file(path)
+            thr = [e.threshold for e in model_t.spec.exits]
             t0 = time.time()
             logits = predict(model_t, torch.from_numpy(x))
             acc, fr = conditional(logits, y, thr)
@@ -93,13 +98,14 @@ def main(argv=None) -> int:
                               "acc": round(correct / n * 100, 2),
                               "exit_fraction": [round(e / n * 100, 2) for e in exited],
                               "seconds": round(time.time() - t0, 1)}
-        sub = predict(model_t, torch.from_numpy(x[:n]))
-        pred_t, exit_t = decide(sub, thr)
-        r["engine_vs_torch_subset"] = {
-            "same_prediction": int((pred_t == res.predictions).sum()),
-            "same_exit": int((exit_t == res.exit_index).sum())}
-        print(name, json.dumps(r["engine_subset"]), json.dumps(r["engine_vs_torch_subset"]),
-              flush=True)
+        print(name, json.dumps(r["engine_subset"]), flush=True)
+        if not args.skip_torch:
+            sub = predict(model_t, torch.from_numpy(x[:n]))
+            pred_t, exit_t = decide(sub, thr)
+            r["engine_vs_torch_subset"] = {
+                "same_prediction": int((pred_t == res.predictions).sum()),
+                "same_exit": int((exit_t == res.exit_index).sum())}
+            print(name, json.dumps(r["engine_vs_torch_subset"]), flush=True)
         t0 = time.time()
         with threadpool_limits(1):
             full = engine.run(model, x, FastExecutor(model), batch_size=500)
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
                                "full_test": {"correct": full_correct, "exited": full_exited}}
         report[name] = r
     if args.write:
-        with open(fig_path, "w") as f:
+        with atomic_write(fig_path, "w") as f:
             json.dump(figs, f, indent=1)
             f.write("\n")
     print(json.dumps(report, indent=1))
