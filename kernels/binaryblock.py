@@ -21,7 +21,7 @@ pass. Here the two convs share one jitted call and two of those passes disappear
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .bitconv import BitConv, as_float32_nchw, pair_popcounts, row_segments, row_starts

@@ -38,7 +38,7 @@ taps t of the 3x3 window of ``u_a[t] u_w[o, t]``, padded taps contributing 0.
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .bitpack import n_words, pack_activations, pack_weight_rows
@@ -82,32 +82,42 @@ def _tap(row, xx, w):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _or_shifted_tap(src, w, stride, kx, lo_dst, hi_dst, sh, spill, inner_end, wo):
-    """lo_dst[ox] |= tap << sh and, when the C bits of the tap cross into the next word,
-    hi_dst[ox] |= tap >> (64 - sh), for tap = column ox*s - 1 + kx of src (0 outside)."""
-    shl = np.uint64(sh)
-    shr = np.uint64(64 - sh) if spill else np.uint64(0)
-    k = np.uint64(kx)
+def _part(v, kx, k, channels):
+    """The bits of tap kx's word v (C channels at bit kx*C of the segment) that land in segment
+    word k: ``v << sh`` in word kx*C // 64, its spill ``v >> (64 - sh)`` in the next one."""
+    off = kx * channels
+    sh = np.uint64(off & 63)
+    if off >> 6 == k:
+        return v << sh
+    if (off >> 6) + 1 == k and (off & 63) + channels > 64:
+        return (v >> np.uint64(1)) >> (np.uint64(63) - sh)   # v >> (64 - sh), sh > 0 here
+    return np.uint64(0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment_word(src, w, stride, k, channels, inner_end, dst):
+    """``dst[ox]`` = word k of the segment of output column ox, taps from the unpadded row src
+    (one word per pixel). The part each tap contributes to word k is a fixed shift (or nothing),
+    so the interior loop is three loads, shifts and ORs per column, which vectorizes."""
+    wo = dst.shape[0]
     one = np.uint64(1)
     if stride == 1:                  # two copies so that each loop has a constant stride
         for ox in range(1, inner_end):
-            v = src[np.uint64(ox) + k - one]     # unsigned index: no wraparound check
-            lo_dst[ox] |= v << shl
-            if spill:
-                hi_dst[ox] |= v >> shr
+            x0 = np.uint64(ox)       # the centre tap; unsigned keeps it vectorizable
+            dst[ox] = (_part(src[x0 - one], 0, k, channels) | _part(src[x0], 1, k, channels)
+                       | _part(src[x0 + one], 2, k, channels))
     else:
         for ox in range(1, inner_end):
-            v = src[np.uint64(2 * ox) + k - one]
-            lo_dst[ox] |= v << shl
-            if spill:
-                hi_dst[ox] |= v >> shr
-    for ox in range(inner_end - 1, wo):    # the border columns: 0 and inner_end..wo-1
+            x0 = np.uint64(2 * ox)
+            dst[ox] = (_part(src[x0 - one], 0, k, channels) | _part(src[x0], 1, k, channels)
+                       | _part(src[x0 + one], 2, k, channels))
+    for ox in range(inner_end - 1, wo):      # the border columns: 0 and inner_end..wo-1
         if ox == inner_end - 1:
             ox = 0
-        v = _tap(src, ox * stride - 1 + kx, w)
-        lo_dst[ox] |= v << shl
-        if spill:
-            hi_dst[ox] |= v >> shr
+        xc = ox * stride
+        dst[ox] = (_part(_tap(src, xc - 1, w), 0, k, channels)
+                   | _part(_tap(src, xc, w), 1, k, channels)
+                   | _part(_tap(src, xc + 1, w), 2, k, channels))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -119,8 +129,9 @@ def row_segments(act, channels, stride, wo, out):
 
     Up to 21 channels the segment is one word, ``t0 | t1 << C | t2 << 2C``; up to 64 channels
     (one word per pixel) tap kx lands at word kx*C // 64, shifted left by kx*C % 64, its top
-    bits spilling into the next word. Either way the loops over output columns vectorize. Wider
-    inputs take a scalar path that appends word by word.
+    bits spilling into the next word (:func:`_part`). Either way the loops over output columns
+    vectorize; for stride 1 they run over the whole image at once. Wider inputs take a scalar
+    path that appends word by word.
     """
     planes, cw, h, w = act.shape
     rw = out.shape[1]
@@ -130,33 +141,33 @@ def row_segments(act, channels, stride, wo, out):
     top = np.uint64(63)
     # output columns whose three taps all lie inside the image: 1 <= ox < inner_end
     inner_end = max(1, min(wo, (w - 2) // stride + 1))
-    if stride == 1 and cw == 1 and 3 * channels <= 64 and w >= 2:
-        # the common small case as one flat loop over the image (rows 1..H are contiguous in
-        # out for stride 1), then the two border columns of every row fixed up
-        c1 = np.uint64(channels)
-        c2 = np.uint64(2 * channels)
-        one = np.uint64(1)
+    if stride == 1 and cw == 1 and w >= 2:
+        # one word per pixel, stride 1: one flat loop over the image per segment word (rows
+        # 1..H are contiguous in out for stride 1), then the two border columns of every row
         n_px = h * w
         for i in range(planes):
             src = act[i, 0].reshape(n_px)
-            dst = out[i, 0]
-            for q in range(w):
-                dst[q] = 0
-                dst[(h + 1) * w + q] = 0
-            body = dst[w:w + n_px]
-            for q in range(1, n_px - 1):
-                u = np.uint64(q)
-                body[q] = src[u - one] | (src[u] << c1) | (src[u + one] << c2)
-            for y in range(h):
-                q0 = y * w
-                q1 = q0 + w - 1
-                body[q0] = (src[q0] << c1) | (src[q0 + 1] << c2)
-                body[q1] = src[q1 - 1] | (src[q1] << c1)
+            for k in range(rw):
+                dst = out[i, k]
+                for q in range(w):
+                    dst[q] = 0
+                    dst[(h + 1) * w + q] = 0
+                body = dst[w:w + n_px]
+                for q in range(1, n_px - 1):
+                    u = np.uint64(q)
+                    body[q] = (_part(src[u - one], 0, k, channels)
+                               | _part(src[u], 1, k, channels)
+                               | _part(src[u + one], 2, k, channels))
+                for y in range(h):
+                    q0 = y * w
+                    q1 = q0 + w - 1
+                    body[q0] = _part(src[q0], 1, k, channels) | _part(src[q0 + 1], 2, k, channels)
+                    body[q1] = _part(src[q1 - 1], 0, k, channels) | _part(src[q1], 1, k, channels)
         return out
     for i in range(planes):
         for r in range(h + 2):
             base = row_slot(r, stride, even_rows) * wo
-            if r == 0 or r == h + 1 or not (cw == 1 and 3 * channels <= 64):
+            if r == 0 or r == h + 1 or cw > 1:
                 for k in range(rw):                # zero rows, or the words the taps OR into
                     dst = out[i, k]
                     for ox in range(wo):
@@ -183,15 +194,10 @@ def row_segments(act, channels, stride, wo, out):
                     dst[ox] = (_tap(src, xc - 1, w) | (_tap(src, xc, w) << c1)
                                | (_tap(src, xc + 1, w) << c2))
                 continue
-            if cw == 1:
-                for kx in range(3):
-                    off = kx * channels
-                    wi = off >> 6
-                    sh = off & 63
-                    spill = sh + channels > 64
-                    lo_dst = out[i, wi, base:base + wo]
-                    hi_dst = out[i, wi + 1 if spill else wi, base:base + wo]
-                    _or_shifted_tap(src, w, stride, kx, lo_dst, hi_dst, sh, spill, inner_end, wo)
+            if cw == 1:                            # one word per pixel, 2 or 3 segment words
+                for k in range(rw):
+                    _segment_word(src, w, stride, k, channels, inner_end,
+                                  out[i, k, base:base + wo])
                 continue
             for ox in range(wo):
                 seg[:] = 0

@@ -34,7 +34,7 @@ with unit stride.
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .quantize import batchnorm, kbit_level, kbit_step, levels

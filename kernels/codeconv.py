@@ -24,7 +24,7 @@ Layout, chosen so the inner loop is one long unit-stride loop that LLVM vectoriz
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .quantize import batchnorm, kbit_level, kbit_step

@@ -7,7 +7,7 @@ in their order, so exit logits, entropies and exit decisions are the same bits.
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .ordered import ordered_linear

@@ -12,7 +12,7 @@ reused across calls (an instance is therefore not for concurrent use from severa
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 from .ordered import ordered_gemm

@@ -7,7 +7,7 @@ zero-padded convolution.
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 

@@ -20,7 +20,7 @@ Cloud layers keep BLAS: nothing after them takes a sign.
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 
@@ -39,11 +39,56 @@ def ordered_gemm(wmat, cols, out):
             src = cols[n, 0]
             for p in range(p_n):
                 acc[p] = w0 * src[p]
-            for k in range(1, k_n):
+            # three taps per pass over the pixels, added in order: the same roundings as one
+            # tap per pass, with the partial sums loaded and stored once per three products
+            k = 1
+            while k + 2 < k_n:
+                wa, wb, wc = wmat[o, k], wmat[o, k + 1], wmat[o, k + 2]
+                sa, sb, sc = cols[n, k], cols[n, k + 1], cols[n, k + 2]
+                for p in range(p_n):
+                    acc[p] = ((acc[p] + wa * sa[p]) + wb * sb[p]) + wc * sc[p]
+                k += 3
+            while k < k_n:
                 wk = wmat[o, k]
                 src = cols[n, k]
                 for p in range(p_n):
                     acc[p] += wk * src[p]
+                k += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def ordered_conv3x3(wmat, xflat, plane, wp, q_n, out):
+    """The fixed-order sums of a 3x3 stride-1 conv read straight from zero-padded images, no
+    im2col: ``out[o, q] = sum_k wmat[o, k] xflat[c*plane + ky*wp + kx + q]`` for k = (c*3 +
+    ky)*3 + kx taken in order (the order of :func:`ordered_gemm` on im2col columns), where the
+    padded images (row length wp = W + 2) are flattened, plane = (H + 2) wp apart, and output
+    pixel (oy, ox) is at q = oy*wp + ox (the two columns per row with ox >= W are computed and
+    not used). xflat must hold 2 elements past the last plane; wmat ``[O, 9C]``, out ``[O, Q]``.
+    """
+    o_n, k_n = wmat.shape
+    for o in range(o_n):
+        acc = out[o]
+        w0 = wmat[o, 0]
+        for q in range(q_n):
+            acc[q] = w0 * xflat[np.uint64(q)]
+        # three taps (one kernel row) per pass, added in order, as in ordered_gemm
+        for k in range(1, k_n):
+            c, t = k // 9, k % 9
+            if t % 3 != 0 and k != 1:
+                continue
+            if k == 1:                  # taps 1 and 2 of the first kernel row
+                wa, wb = wmat[o, 1], wmat[o, 2]
+                for q in range(q_n):
+                    u = np.uint64(q)
+                    acc[q] = (acc[q] + wa * xflat[u + np.uint64(1)]) + wb * xflat[u + np.uint64(2)]
+                continue
+            base = np.uint64(c * plane + (t // 3) * wp)
+            wa, wb, wc = wmat[o, k], wmat[o, k + 1], wmat[o, k + 2]
+            for q in range(q_n):
+                u = base + np.uint64(q)
+                acc[q] = ((acc[q] + wa * xflat[u]) + wb * xflat[u + np.uint64(1)]) \
+                    + wc * xflat[u + np.uint64(2)]
     return out
 
 

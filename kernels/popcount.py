@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-import numba
+from .jit import numba
 import numpy as np
 from numba import types
 from numba.extending import intrinsic

@@ -16,7 +16,7 @@ near 0).
 """
 from __future__ import annotations
 
-import numba
+from .jit import numba
 import numpy as np
 
 

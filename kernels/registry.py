@@ -17,6 +17,10 @@ kind                      ``build(...)`` and the contract of what it returns
 ``binary_block``          ``build(conv1, conv2, shortcut, pad_channels)`` with two 1-bit
                           :class:`~xnorcdl.kernels.bitconv.BitConv` -> ``block(x, given)``;
                           equals ``quant_conv(quant_conv(x)) + shortcut(x)`` bit for bit.
+``cloud_block``           ``build(conv1, conv2, shortcut, pad_channels, shortcut_conv)`` with
+                          objects carrying ``weight``, ``bn_scale``, ``bn_shift`` (and conv1's
+                          ``stride``) -> ``block(x)``; within the float32 bound of
+                          ``FloatGemmConv`` per conv of the reference's cloud block.
 ``pooled_linear``         ``build(weight, bias, pool)`` -> ``exit(x)``; equals
                           ``reference.ordered_linear(reference.avg_pool(x, pool))`` bit for bit.
 ``normalize``             ``build(mean, std)`` -> ``normalize(images, pad)``; equals
@@ -33,13 +37,15 @@ from typing import Callable, Dict, Tuple
 
 from .binaryblock import BinaryBlock
 from .bitconv import BitConv
+from .cloudblock import CloudBlock
 from .codeconv import CodeConv
 from .exits import PooledLinear
 from .gemmconv import CodeGemmConv, FloatGemmConv
 from .normalize import Normalize
 from .shapes import out_size
 
-KINDS = ("quant_conv", "float_conv", "binary_block", "pooled_linear", "normalize")
+KINDS = ("quant_conv", "float_conv", "binary_block", "cloud_block", "pooled_linear",
+         "normalize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,13 @@ class Kernel:
 
 def _binary_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: int):
     return BinaryBlock(conv1, conv2, conv2.bn_scale, conv2.bn_shift, shortcut, pad_channels)
+
+
+def _cloud_block(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None):
+    sc = None if shortcut_conv is None else (shortcut_conv.weight, shortcut_conv.bn_scale,
+                                             shortcut_conv.bn_shift)
+    return CloudBlock(conv1.weight, conv1.bn_scale, conv1.bn_shift, conv2.weight,
+                      conv2.bn_scale, conv2.bn_shift, conv1.stride, shortcut, pad_channels, sc)
 
 
 KERNELS: Dict[str, Kernel] = {k.name: k for k in (
@@ -73,6 +86,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
            "float32 im2col + taps summed in a fixed order (the edge's float convs), then BN"),
     Kernel("binary_block_fused", "binary_block", (1,), _binary_block, True,
            "two binary convs and the residual in one call; BN2 and sign as integer intervals"),
+    Kernel("cloud_block_folded", "cloud_block", (32,), _cloud_block, False,
+           "float32 block: im2col with the padding and ReLU inline, sgemm, residual + ReLU"),
     Kernel("pool_ordered_linear", "pooled_linear", (32,), PooledLinear, True,
            "exit: average pool in NumPy's order, then features summed in a fixed order"),
     Kernel("normalize_padded", "normalize", (8,), Normalize, True,

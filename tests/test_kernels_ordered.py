@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xnorcdl.kernels import reference as ref
-from xnorcdl.kernels.ordered import ordered_gemm, ordered_linear
+from xnorcdl.kernels.ordered import ordered_conv3x3, ordered_gemm, ordered_linear
 
 SLOW = numba.config.DISABLE_JIT
 SETTINGS = settings(max_examples=10 if SLOW else 60, deadline=None,
@@ -98,3 +98,19 @@ def test_ordered_kernels_compile_without_fma():
         asm = _asm(disp.py_func, False, *args)
         assert "mulps" in asm or "mulss" in asm
         assert not any(op in asm for op in FMA), f"{disp.__name__} contracts into an FMA"
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), o=st.integers(1, 5), c=st.integers(1, 5),
+       h=st.integers(1, 9), w=st.integers(1, 9))
+def test_ordered_conv3x3_reads_the_padded_images_in_the_same_order(seed, o, c, h, w):
+    """The stem's sums on the padded images directly equal the ordered conv of the reference
+    (im2col + ordered_matmul), bit for bit, at every pixel that is not a dropped column."""
+    weight, x = operands(seed, (o, c, 3, 3), (1, c, h, w))
+    wp, plane = w + 2, (h + 2) * (w + 2)
+    flat = np.full(c * plane + 2, np.float32(np.nan))      # slack: read for dropped columns only
+    flat[:c * plane] = np.pad(x[0], ((0, 0), (1, 1), (1, 1))).reshape(-1)
+    acc = np.empty((o, h * wp), np.float32)
+    ordered_conv3x3(weight.reshape(o, -1), flat, plane, wp, h * wp, acc)
+    want = ref.conv2d(x, weight, 1, 1, ordered=True)[0]
+    assert np.array_equal(acc.reshape(o, h, wp)[:, :, :w], want)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import test_kernels_cloud
 import test_kernels_conv
 import xnorcdl.kernels
 from xnorcdl.kernels import reference as ref
@@ -78,6 +79,7 @@ def test_every_registered_kernel_is_tested():
         "quant_conv": {name for name, _ in test_kernels_conv.QUANT_CASES},
         "float_conv": set(test_kernels_conv.FLOAT_KERNELS),
         "binary_block": set(test_kernels_conv.BLOCK_KERNELS),
+        "cloud_block": set(test_kernels_cloud.CLOUD_KERNELS),
         "pooled_linear": set(EXIT_KERNELS),
         "normalize": set(NORMALIZE_KERNELS),
     }

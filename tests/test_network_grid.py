@@ -133,3 +133,24 @@ def test_fast_rejects_bad_images():
     fast = FastExecutor(GRID[2].model())
     with pytest.raises(ValueError, match="uint8"):
         fast.stem(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_edge_program_equals_reference(net):
+    """The fast backend's edge program (one jitted call per segment) against the reference's
+    layers, bit for bit: the whole edge from the images, a segment from a mid-edge state, and
+    the exit logits it computes on the way."""
+    model, images = grid_case(net, SAMPLES, net.seed + 300, 0.0)
+    ref, fast = ReferenceExecutor(model), FastExecutor(model)
+    n_edge = model.edge_blocks
+    states = [ref.stem(images)]
+    for b in range(n_edge):
+        states.append(ref.block(b, states[-1]))
+    got, logits = fast.segment(images, None, 0, n_edge, None)
+    assert logits is None and np.array_equal(got, states[-1])
+    for k, e in enumerate(model.exits):
+        first = model.exits[k - 1].after_block + 1 if k else 0
+        start = None if first == 0 else states[first]
+        got, logits = fast.segment(images, start, first, e.after_block + 1, k)
+        assert np.array_equal(got, states[e.after_block + 1]), f"segment to exit {k}"
+        assert np.array_equal(logits, ref.exit(k, states[e.after_block + 1])), f"exit {k}"

@@ -138,9 +138,16 @@ class Network:
             self._executors[backend] = make_executor(self.model, backend)
         return self._executors[backend]
 
+    def executors(self, backend: str, n: int) -> list:
+        """``n`` executors of the backend, one per worker (each keeps its own buffers), built on
+        first use; the first is :meth:`executor`'s."""
+        pool = self._executors.setdefault(f"{backend} workers", [self.executor(backend)])
+        pool[len(pool):] = [make_executor(self.model, backend) for _ in range(n - len(pool))]
+        return pool[:n]
+
     def run(self, images, backend: str = "fast", thresholds: Optional[Sequence[float]] = None,
             batch_size: Optional[int] = None, energy_table=None, threads: Optional[int] = 1,
-            progress=None) -> Result:
+            progress=None, workers: int = 1) -> Result:
         """Algorithm 1 over ``images`` (uint8 ``[N, 3, 32, 32]``).
 
         ``thresholds``: nats, one per exit or one for all (``None``: the file's); ``batch_size``
@@ -148,7 +155,10 @@ class Network:
         path or :class:`xnorcdl.energy.EnergyTable` (``None``: the paper's Table I);
         ``threads``: BLAS threads for the float32 layers while it runs (batch-1 inference is
         fastest on one; ``None``: as configured); ``progress``: a
-        :class:`xnorcdl.progress.Progress` to update."""
+        :class:`xnorcdl.progress.Progress` to update; ``workers``: threads that each run
+        Algorithm 1 on a contiguous share of the images with an executor of their own (the
+        fast backend's kernels release the GIL), for throughput on several cores; the
+        results are those of one worker, sample for sample."""
         from .energy import energy_summary, load_energy_table, per_sample_energy
         images = check_images(images)
         thr = (self.thresholds if thresholds is None
@@ -159,15 +169,42 @@ class Network:
                              where="batch_size")
         table = (load_energy_table(energy_table) if isinstance(energy_table, (str, os.PathLike))
                  else energy_table)
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads: expected a positive integer, got {threads}",
-                             where="threads")
-        executor = self.executor(backend)
+        for name, v in (("threads", threads), ("workers", workers)):
+            if v is not None and v < 1:
+                raise UsageError(f"{name}: expected a positive integer, got {v}", where=name)
         with _blas_threads(threads):
-            raw = engine.run(self.model, images, executor, thr, batch, progress)
+            raw = self._run(images, backend, thr, batch, progress, workers)
         energy = Energy(per_sample_energy(self.model, raw.exit_index, table),
                         energy_summary(self.model, raw.exit_index, table))
         return Result(raw.predictions, raw.exit_index, raw.entropies, raw.logits, thr, energy)
+
+    def _run(self, images, backend, thr, batch, progress, workers) -> engine.Results:
+        """engine.run over ``images``, split into ``workers`` contiguous shares run by threads.
+
+        Shares are whole batches, so every batch holds the samples it holds with one worker:
+        BLAS-backed layers may round differently with another batch composition."""
+        n_batches = -(-len(images) // batch)
+        workers = min(workers, max(1, n_batches))
+        if workers == 1:
+            return engine.run(self.model, images, self.executor(backend), thr, batch, progress)
+        import concurrent.futures
+        import threading
+        executors = self.executors(backend, workers)
+        lock = threading.Lock()
+
+        class _Shared:                      # one progress bar, updated from every worker
+            def update(self, n):
+                with lock:
+                    progress.update(n)
+        shared = None if progress is None else _Shared()
+        bounds = np.minimum(np.linspace(0, n_batches, workers + 1).astype(int) * batch,
+                            len(images))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(
+                lambda w: engine.run(self.model, images[bounds[w]:bounds[w + 1]], executors[w],
+                                     thr, batch, shared), range(workers)))
+        return engine.Results(*(np.concatenate([getattr(p, f.name) for p in parts])
+                                for f in dataclasses.fields(engine.Results)))
 
     def __repr__(self) -> str:
         s = self.spec

@@ -12,7 +12,7 @@ Algorithm 1 one sample at a time.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,35 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return np.maximum(np.log(s) - (p * z).sum(axis=1), 0.0)
 
 
+def plan(model: Model) -> List[Tuple[int, int, Optional[int]]]:
+    """The network as segments ``(first, stop, k)``: blocks ``first .. stop-1``, then early exit
+    k (``None``: no exit, the last segment, which the head follows). Exits come after distinct,
+    increasing blocks (:mod:`xnorcdl.spec`), so each segment has at most one."""
+    segments, first = [], 0
+    for k, e in enumerate(model.exits):
+        segments.append((first, e.after_block + 1, k))
+        first = e.after_block + 1
+    if first < len(model.blocks) or not segments:
+        segments.append((first, len(model.blocks), None))
+    return segments
+
+
+def segment(executor, images: np.ndarray, state, first: int, stop: int, k: Optional[int]):
+    """``(state, logits)``: blocks ``first .. stop-1`` on ``state`` (``None``: the stem on
+    ``images`` first), then exit k's logits (``None`` when k is None).
+
+    An executor with a ``segment`` method of the same signature runs all of that itself (the
+    fast backend: one jitted call for the edge); otherwise its per-layer methods are called."""
+    own = getattr(executor, "segment", None)
+    if own is not None:
+        return own(images, state, first, stop, k)
+    if state is None:
+        state = executor.stem(images)
+    for b in range(first, stop):
+        state = executor.block(b, state)
+    return state, (None if k is None else executor.exit(k, state))
+
+
 @dataclasses.dataclass
 class Results:
     """Per-sample outcome of Algorithm 1.
@@ -55,32 +84,29 @@ def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequenc
     thr = [e.threshold for e in exits] if thresholds is None else [float(t) for t in thresholds]
     if len(thr) != len(exits):
         raise ValueError(f"{len(thr)} threshold(s) given for {len(exits)} exit(s)")
-    by_block = {}
-    for k, e in enumerate(exits):
-        by_block.setdefault(e.after_block, []).append(k)
     n, classes = len(images), model.spec.num_classes
     out = Results(np.zeros(n, np.int64), np.full(n, FINAL, np.int64),
                   np.full((n, len(exits)), np.nan), np.zeros((n, classes), np.float32))
+    segments = plan(model)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        state = executor.stem(np.ascontiguousarray(images[idx]))
-        for b in range(len(model.blocks)):
-            state = executor.block(b, state)
-            for k in by_block.get(b, ()):
-                logits = executor.exit(k, state)
-                h = entropy(logits)
-                out.entropies[idx, k] = h
-                take = h < thr[k]
-                if take.any():
-                    out.exit_index[idx[take]] = k
-                    out.logits[idx[take]] = logits[take]
-                    keep = np.flatnonzero(~take)
-                    idx = idx[keep]
-                    state = executor.select(state, keep) if len(keep) else None
+        batch = np.ascontiguousarray(images[idx])
+        state = None
+        for first, stop, k in segments:
+            state, logits = segment(executor, batch, state, first, stop, k)
+            if k is None:
+                continue
+            h = entropy(logits)
+            out.entropies[idx, k] = h
+            take = h < thr[k]
+            if take.any():
+                out.exit_index[idx[take]] = k
+                out.logits[idx[take]] = logits[take]
+                keep = np.flatnonzero(~take)
+                idx = idx[keep]
                 if len(idx) == 0:
                     break
-            if len(idx) == 0:
-                break
+                state = executor.select(state, keep)
         if len(idx):
             out.logits[idx] = executor.head(state)
         if progress is not None:
@@ -99,18 +125,15 @@ def outputs(model: Model, images: np.ndarray, executor, batch_size: int = 100,
     sample at that output, up to the float32 rounding that batch composition may change in
     BLAS-backed layers (the decisions of ``run`` are tested equal).
     """
-    by_block = {}
-    for k, e in enumerate(model.exits):
-        by_block.setdefault(e.after_block, []).append(k)
     n, classes = len(images), model.spec.num_classes
     outs = [np.zeros((n, classes), np.float32) for _ in range(len(model.exits) + 1)]
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        state = executor.stem(np.ascontiguousarray(images[sl]))
-        for b in range(len(model.blocks)):
-            state = executor.block(b, state)
-            for k in by_block.get(b, ()):
-                outs[k][sl] = executor.exit(k, state)
+        batch, state = np.ascontiguousarray(images[sl]), None
+        for first, stop, k in plan(model):
+            state, logits = segment(executor, batch, state, first, stop, k)
+            if k is not None:
+                outs[k][sl] = logits
         outs[-1][sl] = executor.head(state)
         if progress is not None:
             progress.update(sl.stop - sl.start)

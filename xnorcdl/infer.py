@@ -71,13 +71,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_backend(ap, batch_size=None,
                     batch_help="samples per batch (decisions stay per sample) (default: 1 with "
                                "--backend fast, 100 with reference)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="threads running Algorithm 1 on shares of the images, each with its own "
+                         "executor (throughput on several cores; the same results)")
     cli.add_energy(ap)
     cli.add_json(ap, "the summary and per-sample results")
     cli.add_progress(ap)
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_positive(args, "--batch-size", "--threads")
+    cli.check_positive(args, "--batch-size", "--threads", "--workers")
     cli.check_outputs(args, "--json")
     from .energy import format_energy, load_energy_table, per_sample_records
     net = api.load(args.weights)
@@ -87,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_images(args.images, args.fetch)
     images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
     net.executor(args.backend)  # built (kernels prepared) before the clock starts
+    if args.workers > 1:
+        net.executors(args.backend, min(args.workers, max(1, len(images))))
     used = thresholds or net.thresholds
     with cli.progress(args, len(images), "infer") as bar:
         t0 = time.perf_counter()
-        res = net.run(images, args.backend, used, args.batch_size, table, args.threads, bar)
+        res = net.run(images, args.backend, used, args.batch_size, table, args.threads, bar,
+                      args.workers)
         seconds = time.perf_counter() - t0
     summary = summarize(model, res, labels, seconds, used)
     summary["backend"] = args.backend

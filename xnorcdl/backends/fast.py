@@ -24,9 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.bitconv import BitConv
+from ..kernels.codeconv import CodeConv
+from ..kernels.edgeprogram import EdgeProgram
+from ..kernels.gemmconv import CodeGemmConv
 from ..kernels.registry import KERNELS, float_kernel_for, quant_kernel_for
 from ..kernels.shapes import out_size
 from ..model import Block, FloatConv, Model, QuantConv
+from ..spec import IMAGE_SHAPE
 from . import reference
 
 
@@ -41,6 +45,15 @@ def _quant_conv(layer: QuantConv, in_shape):
                         layer.bits, layer.v0, layer.stride)
 
 
+def _direct(conv, layer: QuantConv):
+    """A k-bit conv the edge program can run: BLAS over codes becomes the direct int16 kernel
+    (the same exact integers; BLAS cannot be called from the jitted program)."""
+    if isinstance(conv, CodeGemmConv):
+        return CodeConv(layer.w_codes, layer.out_scale, layer.bn_scale, layer.bn_shift,
+                        layer.bits, layer.v0, layer.stride)
+    return conv
+
+
 class _PreparedBlock:
     """The convs of one residual block, ready to run."""
 
@@ -51,22 +64,25 @@ class _PreparedBlock:
             self.conv1 = _quant_conv(blk.conv1, blk.in_shape)
             side = out_size(h, 3, blk.conv1.stride, 1)
             self.conv2 = _quant_conv(blk.conv2, (blk.conv1.shape[0], side, side))
-        else:
-            self.conv1 = _float_conv(blk.conv1, exact=False)
-            self.conv2 = _float_conv(blk.conv2, exact=False)
         sc = blk.shortcut
         self.shortcut_kind = sc.kind
         self.pad_channels = sc.pad_channels
-        # an edge block's float shortcut conv runs unfolded, like the reference (bit-identical)
-        self.shortcut_conv = _float_conv(sc.conv, exact=blk.edge) if sc.kind == "conv1x1" else None
-        # two binary convs: the fused block kernel (one call, conv1's output never leaves bits)
         self.fused = None
+        if not blk.edge:       # the cloud block kernel: BN folded, ReLUs in the glue passes
+            c1, c2 = blk.conv1, blk.conv2
+            self.cloud = KERNELS["cloud_block_folded"].build(
+                c1, c2, sc.kind, sc.pad_channels, sc.conv if sc.kind == "conv1x1" else None)
+            return
+        # an edge block's float shortcut conv runs unfolded, like the reference (bit-identical)
+        self.shortcut_conv = _float_conv(sc.conv, exact=True) if sc.kind == "conv1x1" else None
+        # two binary convs: the fused block kernel (one call, conv1's output never leaves bits)
         if blk.edge and isinstance(self.conv1, BitConv) and self.conv1.bits == 1:
             self.fused = KERNELS["binary_block_fused"].build(self.conv1, self.conv2, sc.kind,
                                                              sc.pad_channels)
 
     def add_shortcut(self, t: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """t += shortcut(x), in place (float32 additions, as the reference's ``t + shortcut``)."""
+        """t += shortcut(x), in place (float32 additions, as the reference's ``t + shortcut``),
+        for a k-bit edge block."""
         if self.shortcut_kind == "identity":
             t += x
         elif self.shortcut_kind == "zero_pad":
@@ -82,9 +98,7 @@ class _PreparedBlock:
             return self.fused(x, sc)
         if self.edge:          # x + Q2(Q1(x)), no ReLU
             return self.add_shortcut(self.conv2(self.conv1(x)), x)
-        t = self.conv2(self.conv1(x, relu=True))
-        t = self.add_shortcut(t, x)
-        return np.maximum(t, 0, out=t)
+        return self.cloud(x)
 
 
 class FastExecutor:
@@ -100,6 +114,58 @@ class FastExecutor:
         self.blocks = [_PreparedBlock(blk) for blk in model.blocks]
         exit_kernel = KERNELS["pool_ordered_linear"]
         self.exits = [exit_kernel.build(e.weight, e.bias, e.pool) for e in model.exits]
+        self.program = None if self.stem_conv is None else self._edge_program()
+
+    def _edge_program(self):
+        """The stem, the edge blocks and the exits as one :class:`EdgeProgram`; records the
+        program row where each edge block starts (``_block_row``) and each exit's row."""
+        prog = EdgeProgram()
+        prog.add_stem(self.normalize, self.stem_conv, IMAGE_SHAPE)
+        self._block_row, self._exit_row = [], {}
+        for b, (blk, prep) in enumerate(zip(self.model.blocks, self.blocks)):
+            if not blk.edge:
+                break
+            if prep.fused is not None:
+                row = prog.add_binary_block(prep.fused, prep.shortcut_conv, blk.in_shape)
+            else:
+                conv1, conv2 = (_direct(c, layer) for c, layer in
+                                ((prep.conv1, blk.conv1), (prep.conv2, blk.conv2)))
+                row = prog.add_quant_block(conv1, conv2, blk.shortcut.kind,
+                                           blk.shortcut.pad_channels, prep.shortcut_conv,
+                                           blk.in_shape)
+            self._block_row.append(row)
+            for k, e in enumerate(self.model.exits):
+                if e.after_block == b:
+                    self._exit_row[k] = prog.add_exit(k, self.exits[k], blk.out_shape)
+        self._block_row.append(len(prog._rows))
+        return prog.finish()
+
+    def segment(self, images, x, first, stop, k):
+        """Blocks ``first .. stop-1`` and exit k (the engine's :func:`xnorcdl.engine.segment`):
+        the edge part in one jitted call of the edge program, then the cloud blocks."""
+        prog = self.program
+        n_edge = len(self._block_row) - 1 if prog is not None else 0
+        logits = None
+        if prog is not None and (x is None or first < n_edge):
+            if x is None:
+                images = self.normalize.check(images)
+                row = 0
+            else:
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                row = self._block_row[first]
+            end = self._exit_row[k] + 1 if k is not None else self._block_row[min(stop, n_edge)]
+            if end > row:
+                x, out = prog.run(row, end, images=images if x is None else None, x=x)
+                if k is not None:
+                    logits = out[:, k]
+            first = min(stop, n_edge)
+        elif x is None:
+            x = self.stem(images)
+        for b in range(first, stop):
+            x = self.block(b, x)
+        if k is not None and logits is None:
+            logits = self.exit(k, x)
+        return x, logits
 
     def stem(self, images: np.ndarray) -> np.ndarray:
         images = self.normalize.check(images)
