@@ -125,7 +125,7 @@ def test_edge_command_errors_are_one_line(model, tmp_path, capsys):
 
 def test_sigterm_drains_requests_in_flight(model):
     """Requests waiting in the batcher when SIGTERM arrives are answered; then the process
-    exits 0 and refuses new connections."""
+    exits with 143 (or 0) and refuses new connections."""
     import concurrent.futures as cf
     import signal
 
@@ -149,7 +149,7 @@ def test_sigterm_drains_requests_in_flight(model):
             cloud.proc.send_signal(signal.SIGTERM)
             codes = [f.result() for f in futs]
         assert codes == [200] * 4
-        # uvicorn re-raises the signal once drained: a shell sees 143 (128 + SIGTERM)
-        assert cloud.proc.wait(30) in (0, -signal.SIGTERM)
+        # uvicorn re-raises the signal once drained; the command line turns it into 143
+        assert cloud.proc.wait(30) in (0, 143)
     finally:
         cloud.stop()

@@ -4,6 +4,7 @@ Expected energies are written out from the counting rules of docs/COUNTING.md an
 taken from the implementation. Floats are compared with a relative tolerance of 1e-12: the sums
 are of at most ~10^2 terms of magnitude <= 1e8 pJ, far from float64's 2^-52 relative error.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -41,11 +42,13 @@ def table_doc(**ops):
 
 
 def only(name, value=1.0, **top):
-    """A table pricing one class at ``value`` and everything else at 0."""
-    doc = table_doc(**{k: 0.0 for k in E.OPERATIONS})
-    doc["operations"][name]["energy"] = value
+    """A table pricing one class at ``value`` and everything else at 0 (built in code: a table
+    file must price every row above 0)."""
+    doc = table_doc()
     doc.update(top)
-    return E.parse_energy_table(doc, "t.json")
+    table = E.parse_energy_table(doc, "t.json")
+    return dataclasses.replace(table, energy={k: value if k == name else 0.0
+                                              for k in E.OPERATIONS})
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def test_table_file_errors(tmp_path):
         E.load_energy_table(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(E.EnergyTableError, match="bad.json: not valid JSON"):
+    with pytest.raises(E.EnergyTableError, match="bad.json: not valid UTF-8 JSON"):
         E.load_energy_table(str(bad))
     bad.write_text("[1, 2]")
     with pytest.raises(E.EnergyTableError, match="expected a JSON object"):

@@ -41,7 +41,11 @@ def make_executor(model, backend: str, option: str = "backend"):
 def check_thresholds(values: Sequence[float], n_exits: int, option: str = "thresholds"
                      ) -> List[float]:
     """One threshold (nats) per exit, or one for all; finite and >= 0."""
-    values = [float(v) for v in values]
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise UsageError(f"{option}: expected numbers (nats), got {values!r}",
+                         where=option) from None
     if len(values) == 1 and n_exits > 1:
         values = values * n_exits
     if len(values) != n_exits:
@@ -163,15 +167,17 @@ class Network:
         images = check_images(images)
         thr = (self.thresholds if thresholds is None
                else check_thresholds(np.atleast_1d(thresholds), len(self.model.exits)))
+        from .energy import EnergyTable
+        if energy_table is not None and not isinstance(energy_table,
+                                                       (str, os.PathLike, EnergyTable)):
+            raise UsageError(f"energy_table: expected a path or an EnergyTable, got "
+                             f"{type(energy_table).__name__}", where="energy_table")
+        _check_count(batch_size, "batch_size")
+        _check_count(threads, "threads")
+        _check_count(workers, "workers")
         batch = batch_size or (1 if backend == "fast" else 100)
-        if batch < 1:
-            raise UsageError(f"batch_size: expected a positive integer, got {batch}",
-                             where="batch_size")
         table = (load_energy_table(energy_table) if isinstance(energy_table, (str, os.PathLike))
                  else energy_table)
-        for name, v in (("threads", threads), ("workers", workers)):
-            if v is not None and v < 1:
-                raise UsageError(f"{name}: expected a positive integer, got {v}", where=name)
         with _blas_threads(threads):
             raw = self._run(images, backend, thr, batch, progress, workers)
         energy = Energy(per_sample_energy(self.model, raw.exit_index, table),
@@ -211,6 +217,13 @@ class Network:
         return (f"Network({self.path!r}: ResNet-{s.depth}, {s.edge_convs} {s.edge_bits}-bit edge "
                 f"convs, exits after conv {[e.after_conv for e in s.exits]}, "
                 f"thresholds {self.thresholds})")
+
+
+def _check_count(value, name: str) -> None:
+    """``value`` is None or a positive int (a bool or a float is refused)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+        raise UsageError(f"{name}: expected a positive integer, got {value!r}", where=name)
 
 
 def _blas_threads(threads: Optional[int]):

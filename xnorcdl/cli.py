@@ -6,21 +6,33 @@ line in :data:`COMMANDS`; its module is imported only when the command runs (so 
 not load numba). ``python -m xnorcdl.<command>`` runs the same parser and code through the
 module's ``main(argv)``.
 
-:func:`boundary` is the one place that turns the project's own errors
-(:class:`xnorcdl.errors.XnorcdlError`) and operating-system errors (a missing or unreadable
-file) into one ``error:`` line on stderr and exit status 2; Ctrl-C prints one line and exits
-with 130; anything else is a bug and keeps its traceback.
+:func:`run` parses a command's options (every value checked by its argparse ``type``: a bad
+one is one ``error:`` line naming the option, status 2), then checks every path option before
+any work (:mod:`xnorcdl.paths`: no output is an input, another output, a folder, a link or a
+special file), then runs the command inside :func:`boundary`, the one place that turns the
+project's own errors (:class:`xnorcdl.errors.XnorcdlError`) and operating-system errors (a
+missing file, a full disk: the message names the file) into one ``error:`` line on stderr and
+exit status 2. Exit statuses: 0 success, 2 bad input, 130 Ctrl-C (SIGINT), 143 SIGTERM, each
+signal with one line on stderr; both unwind the command as an exception (:class:`Terminated`
+for SIGTERM), so every ``finally`` runs and no temporary file is left. A closed stdout (``|
+head``) ends quietly with 141 (128 + SIGPIPE, what a shell reports for a program that SIGPIPE
+stops). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
 import os
+import signal
 import sys
+import threading
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
+from . import paths
 from .errors import UsageError, XnorcdlError
 
 #: name -> (module, one-line summary); adding a command is one line here
@@ -49,6 +61,15 @@ FORMAT_HELP = {"cifar10": "label byte + 3072 pixel bytes",
                "raw": "3072 bytes, no labels"}
 
 
+#: exit statuses besides 0 and 2
+SIGINT_STATUS, SIGTERM_STATUS, SIGPIPE_STATUS = 130, 143, 141
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives while a command runs, so that the
+    command unwinds (``finally`` blocks remove temporary files) and exits with 143."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the help already says it."""
 
@@ -67,39 +88,116 @@ def summary_of(module: ModuleType) -> str:
     return first.split(": ", 1)[1] if ": " in first else first
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error:`` line (status 2)."""
+
+    def error(self, message: str):
+        if message.startswith("argument "):  # "argument --limit: ..." -> "--limit: ..."
+            message = message[len("argument "):]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def command_parser(module: ModuleType, prog: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=summary_of(module),
-                                 formatter_class=HelpFormatter)
+    ap = Parser(prog=prog, description=summary_of(module), formatter_class=HelpFormatter)
     module.add_arguments(ap)
     return ap
 
 
 def run(module: ModuleType, argv: Optional[Sequence[str]], prog: str) -> int:
-    """Parse ``argv`` with the module's options and run it inside the error boundary."""
-    args = command_parser(module, prog).parse_args(argv)
-    return boundary(module.run, args)
+    """Parse ``argv`` with the module's options, check its paths and run it inside the error
+    boundary, with SIGINT and SIGTERM turned into exceptions; returns the exit status (also
+    for ``--help`` and usage errors, which do not raise ``SystemExit`` here)."""
+    with signals():
+        parser = command_parser(module, prog)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error (2)
+            return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+        except (KeyboardInterrupt, Terminated) as exc:
+            return boundary(_reraise, exc)
+        try:
+            return boundary(_checked, module, parser, args)
+        except (KeyboardInterrupt, Terminated) as exc:  # after the command, before returning
+            return boundary(_reraise, exc)
+
+
+def _reraise(exc: BaseException):
+    raise exc
+
+
+def _checked(module: ModuleType, parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Check every path option (and the paths the module derives), then run the module."""
+    outputs, inputs, dirs = paths.declared(parser, args)
+    extra = getattr(module, "io_paths", None)
+    if extra is not None:
+        more = extra(args)
+        outputs += more.get("outputs", [])
+        inputs += more.get("inputs", [])
+        dirs += more.get("dirs", [])
+    paths.check_io(outputs, inputs, dirs)
+    return module.run(args)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals():
+    """While a command runs: SIGINT raises ``KeyboardInterrupt`` (Python's own handler) and
+    SIGTERM raises :class:`Terminated`; the previous handlers come back afterwards. A signal
+    the process was started with ignored (``nohup``, a background job) stays ignored. Only
+    the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+    for sig, handler in ((signal.SIGTERM, _on_sigterm),
+                         (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def boundary(fn: Callable, *args) -> int:
     """``fn(*args)``'s exit status; a project or OS error becomes one ``error:`` line and 2,
-    Ctrl-C one line and 130. Other exceptions propagate with their traceback (bugs)."""
+    Ctrl-C one line and 130, SIGTERM one line and 143, a closed stdout nothing and 141. Other
+    exceptions propagate with their traceback (bugs)."""
     try:
         status = fn(*args)
     except XnorcdlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing to report
+        _quiet_stdout()
+        return SIGPIPE_STATUS
     except OSError as exc:  # the environment (a missing file, a full disk), not a bug
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return SIGINT_STATUS
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return SIGTERM_STATUS
     return 0 if status is None else int(status)
 
 
 def top_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m xnorcdl", formatter_class=HelpFormatter,
         description="Conditionally deep hybrid neural networks across edge and cloud. "
                     "'python -m xnorcdl COMMAND --help' lists a command's options.")
@@ -118,18 +216,140 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top_parser().parse_args(argv)  # help, version, or a usage error (exits)
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    with signals():
+        try:
+            module = importlib.import_module(COMMANDS[name][0])
+        except (KeyboardInterrupt, Terminated) as exc:
+            return boundary(_reraise, exc)
     return run(module, argv[1:], f"python -m xnorcdl {name}")
+
+
+# ----------------------------------------------------------------------------- option types
+
+#: upper bounds that keep an option's memory and time bounded
+MAX_BATCH = 1 << 16
+MAX_THREADS = 1024
+
+
+class _Type:
+    """An argparse ``type=`` with a readable name and a message naming what was expected."""
+
+    def __init__(self, convert: Callable[[str], object], name: str):
+        self.convert, self.__name__ = convert, name
+
+    def __call__(self, text: str):
+        try:
+            return self.convert(text)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) or f"expected {self.__name__}, got "
+                                             f"{text!r}") from None
+
+
+def integer(lo: int = 1, hi: Optional[int] = None) -> _Type:
+    """An integer option in [lo, hi] (``integer()``: a positive integer)."""
+    what = ("a positive integer" if lo == 1 else f"an integer >= {lo}") if hi is None else \
+        f"an integer in [{lo}, {hi}]"
+
+    def convert(text: str) -> int:
+        try:
+            v = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"expected {what}, got {text!r}")
+        return v
+    return _Type(convert, what)
+
+
+def number(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> _Type:
+    """A finite number option in the interval lo..hi (open at an end when asked)."""
+    what = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def convert(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo)
+                and (v < hi if hi_open else v <= hi)):
+            raise ValueError(f"expected {what}, got {text!r}")
+        return v
+    return _Type(convert, what)
+
+
+def _thresholds(text: str) -> str:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers (nats), got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"expected finite thresholds >= 0 (nats), got {text!r}")
+    return text
+
+
+#: ``--threshold T[,T...]``: numbers checked here, their count against the model once loaded
+thresholds_type = _Type(_thresholds, "thresholds")
+
+
+def _range_text(text: str) -> str:
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        for p in parts:
+            if p.strip():
+                int(p)
+    except ValueError:
+        raise ValueError(f"expected A:B (record indices, either may be left out), got "
+                         f"{text!r}") from None
+    return text
+
+
+#: ``A:B`` record ranges: the syntax is checked here, the bounds once the set is read
+range_type = _Type(_range_text, "A:B")
+
+
+def rules_type(also: Sequence[str] = ()) -> _Type:
+    """``--rules``: comma-separated threshold rules (:func:`xnorcdl.calibrate.parse_rule`),
+    at least one; ``also``: names accepted besides (explore's ``stored``)."""
+    def convert(text: str) -> str:
+        from . import calibrate
+        rules = [r.strip() for r in text.split(",") if r.strip()]
+        if not rules:
+            raise ValueError("expected at least one rule")
+        for r in rules:
+            if r not in also:
+                calibrate.parse_rule(r)
+        return text
+    return _Type(convert, "rules")
+
+
+def cached_image(value: str) -> Optional[str]:
+    """The file an ``--images``-like value stands for, without fetching: a path, the cached
+    CIFAR-10 file of a bare CIFAR-10 file name, or the validation split's file."""
+    from .data import CIFAR10_FILES, VAL_FILE, default_dest
+    if value == VALIDATION:
+        return os.path.join(default_dest(), VAL_FILE)
+    if not os.path.lexists(value) and os.path.basename(value) == value \
+            and value in CIFAR10_FILES:
+        return os.path.join(default_dest(), value)
+    return value
+
+
+images_type = paths.input_path(specials=(VALIDATION,), resolve=cached_image)
 
 
 # ----------------------------------------------------------------------------- shared options
 
-def add_weights(ap: argparse.ArgumentParser, pair: bool = False) -> None:
+def add_weights(ap: argparse.ArgumentParser, pair: bool = False, help: Optional[str] = None
+                ) -> None:
     if pair:
         ap.add_argument("--weights", nargs=2, required=True, metavar=("A", "B"),
-                        help="the two weights files (.npz, docs/FORMAT.md)")
+                        type=paths.input_path(),
+                        help=help or "the two weights files (.npz, docs/FORMAT.md)")
     else:
-        ap.add_argument("--weights", required=True, help="weights file (.npz, docs/FORMAT.md)")
+        ap.add_argument("--weights", required=True, type=paths.input_path(),
+                        help=help or "weights file (.npz, docs/FORMAT.md)")
 
 
 def add_images(ap: argparse.ArgumentParser, default: Optional[str] = None,
@@ -139,13 +359,13 @@ def add_images(ap: argparse.ArgumentParser, default: Optional[str] = None,
     """``--images``, ``--format``, ``--limit`` (optional) and ``--fetch``; a bare CIFAR-10 file
     name (``test_batch.bin``) is looked up in the data cache (:func:`resolve_images`)."""
     g = ap.add_argument_group("images")
-    g.add_argument("--images", required=default is None, default=default,
+    g.add_argument("--images", required=default is None, default=default, type=images_type,
                    help=help + "; a bare CIFAR-10 file name (test_batch.bin) is looked up in the "
                                "data cache")
     g.add_argument("--format", default="cifar10", choices=list(formats),
                    help="record format: " + ", ".join(f"{f} ({FORMAT_HELP[f]})" for f in formats))
     if limit:
-        g.add_argument("--limit", type=int, default=None,
+        g.add_argument("--limit", type=integer(), default=None,
                        help="use only the first N samples (default: all)")
     g.add_argument("--fetch", action="store_true", help="fetch CIFAR-10 into the cache if missing")
     return g
@@ -158,21 +378,23 @@ def add_backend(ap: argparse.ArgumentParser, batch_size: Optional[int] = 100,
     g = ap.add_argument_group("execution")
     g.add_argument("--backend", default="fast", choices=list(BACKENDS),
                    help="fast: Numba bit-packed kernels; reference: the NumPy oracle")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=batch_size,
+                   help=batch_help)
+    g.add_argument("--threads", type=integer(1, MAX_THREADS), default=1,
                    help="BLAS threads for the float32 layers (batch-1 inference is fastest on one)")
 
 
 def add_energy(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--energy", default=None, metavar="FILE",
+    ap.add_argument("--energy", default=None, metavar="FILE", type=paths.input_path(),
                     help="energy table (JSON, docs/COUNTING.md) (default: the paper's Table I, "
                          "xnorcdl/energy_table.json)")
 
 
-def add_json(ap: argparse.ArgumentParser, what: str = "the results") -> None:
-    ap.add_argument("--json", default=None, metavar="PATH",
-                    help=f"write {what} as JSON ('-' for stdout; the readable text then goes to "
-                         "stderr)")
+def add_json(ap: argparse.ArgumentParser, what: str = "the results",
+             help: Optional[str] = None) -> None:
+    ap.add_argument("--json", default=None, metavar="PATH", type=paths.output_path(stdout=True),
+                    help=help or f"write {what} as JSON ('-' for stdout; the readable text then "
+                                 "goes to stderr)")
 
 
 def add_progress(ap: argparse.ArgumentParser) -> None:
@@ -181,29 +403,12 @@ def add_progress(ap: argparse.ArgumentParser) -> None:
 
 
 def add_rules(ap: argparse.ArgumentParser, default: str) -> None:
-    ap.add_argument("--rules", default=default,
+    ap.add_argument("--rules", default=default, type=rules_type(),
                     help="comma-separated threshold rules (xnorcdl.calibrate): fixed:T (nats), "
                          "within:D (points), exits:P (%%), accuracy:A (%%)")
 
 
 # ----------------------------------------------------------------------------- loaders
-
-def check_positive(args: argparse.Namespace, *options: str) -> None:
-    """Refuse an integer option (``--batch-size``, ...) below 1 (``None``: unset, passes)."""
-    for opt in options:
-        v = getattr(args, opt.lstrip("-").replace("-", "_"))
-        if v is not None and v < 1:
-            raise UsageError(f"{opt}: expected a positive integer, got {v}", where=opt)
-
-
-def check_outputs(args: argparse.Namespace, *options: str) -> None:
-    """Refuse an output path (``--json``, ``--write``) before any work is done."""
-    from .report import check_destination
-    for opt in options:
-        dest = getattr(args, opt.lstrip("-").replace("-", "_"))
-        if dest:
-            check_destination(dest, opt)
-
 
 def threads(args: argparse.Namespace):
     """A context limiting BLAS to ``--threads``."""
@@ -228,10 +433,9 @@ def parse_thresholds(text: Optional[str], n_exits: int, option: str = "--thresho
     if text is None:
         return None
     try:
-        values = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{option}: expected comma-separated numbers, got {text!r}",
-                         where=option) from None
+        values = [float(t) for t in _thresholds(text).split(",")]
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}", where=option) from None
     from .api import check_thresholds
     return check_thresholds(values, n_exits, option)
 
@@ -284,12 +488,9 @@ def load_images(path: str, fmt: str, limit: Optional[int], classes: int):
     the model's ``classes``."""
     import numpy as np
     from .records import read_records
-    images, labels = read_records(path, fmt)
-    if limit is not None:
-        if limit < 1:
-            raise UsageError(f"--limit: expected a positive integer, got {limit}", where="--limit")
-        images = images[:limit]
-        labels = labels[:limit] if labels is not None else None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"--limit: expected a positive integer, got {limit!r}", where="--limit")
+    images, labels = read_records(path, fmt, limit=limit)
     if labels is not None and len(labels) and int(labels.max()) >= classes:
         i = int(np.argmax(labels >= classes))
         raise UsageError(f"{path}: record {i} has label {int(labels[i])}, but the model has "

@@ -14,39 +14,56 @@ import socket
 import sys
 from typing import List, Optional
 
-from . import cli
+from . import cli, paths
 from .errors import UsageError
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
-    a("--weights", required=True, help="the cloud artifact (DIR/cloud.npz of python -m xnorcdl split)")
-    a("--host", default="127.0.0.1", help="address to bind")
-    a("--port", type=int, default=8765, help="port to bind (0: a free one)")
-    a("--max-batch", type=int, default=64, help="samples per cloud batch at most")
-    a("--max-wait-ms", type=float, default=2.0,
+    cli.add_weights(ap, help="the cloud artifact (DIR/cloud.npz of python -m xnorcdl split)")
+    a("--host", default="127.0.0.1", type=nonempty, help="address to bind")
+    a("--port", type=cli.integer(0, 65535), default=8765, help="port to bind (0: a free one)")
+    a("--max-batch", type=cli.integer(1, cli.MAX_BATCH), default=64,
+      help="samples per cloud batch at most")
+    a("--max-wait-ms", type=cli.number(0, 1000), default=2.0,
       help="how long a waiting request waits for others to join its batch")
     a("--no-batching", action="store_true", help="run every request alone")
-    a("--queue", type=int, default=256, help="requests waiting at most (more get 503)")
-    a("--max-request-mb", type=float, default=8.0, help="largest request body (MiB; more get 413)")
-    a("--token-file", default=None, help="file holding a bearer token every request must carry")
+    a("--queue", type=cli.integer(1, 1 << 20), default=256,
+      help="requests waiting at most (more get 503)")
+    a("--max-request-mb", type=cli.number(0, 1024, lo_open=True), default=8.0,
+      help="largest request body (MiB; more get 413)")
+    a("--token-file", default=None, type=paths.input_path(),
+      help="file holding a bearer token every request must carry")
     a("--backend", default="fast", choices=["fast", "reference"])
-    a("--threads", type=int, default=1, help="BLAS threads for the cloud layers")
+    a("--threads", type=cli.integer(1, cli.MAX_THREADS), default=1,
+      help="BLAS threads for the cloud layers")
     a("--ray", action="store_true", help="deploy on Ray Serve instead of uvicorn")
-    a("--replicas", type=int, default=1, help="--ray: copies of the deployment")
+    a("--replicas", type=cli.integer(1, 1024), default=1, help="--ray: copies of the deployment")
     a("--address", default=None,
       help="--ray: address of a running Ray cluster (default: start a local Ray instance)")
 
 
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a host name or address, got an empty string")
+    return text
+
+
+#: largest token file read (bytes)
+MAX_TOKEN_BYTES = 4096
+
+
 def read_token(path: Optional[str]) -> Optional[str]:
+    """The bearer token held in ``path`` (a regular file of at most :data:`MAX_TOKEN_BYTES`,
+    one printable ASCII token without spaces), or None."""
+    from .files import read_bytes
     if path is None:
         return None
+    raw = read_bytes(path, MAX_TOKEN_BYTES, UsageError, "token file")
     try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise UsageError(f"--token-file {path}: cannot read ({exc.strerror or exc})",
-                         where="--token-file") from None
+        token = raw.tobytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
     if not token or any(c.isspace() for c in token) or not token.isprintable():
         raise UsageError(f"--token-file {path}: expected one token without spaces",
                          where="--token-file")
@@ -55,15 +72,6 @@ def read_token(path: Optional[str]) -> Optional[str]:
 
 def config_from(args):
     from .cloud_service import ServiceConfig
-    cli.check_positive(args, "--max-batch", "--queue", "--threads", "--replicas")
-    if not 0 <= args.max_wait_ms <= 1000:
-        raise UsageError(f"--max-wait-ms: expected 0..1000, got {args.max_wait_ms}",
-                         where="--max-wait-ms")
-    if not 0 < args.max_request_mb <= 1024:
-        raise UsageError(f"--max-request-mb: expected a size in (0, 1024], got "
-                         f"{args.max_request_mb}", where="--max-request-mb")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port: expected 0..65535, got {args.port}", where="--port")
     return ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          batching=not args.no_batching, queue_limit=args.queue,
                          max_request_bytes=int(args.max_request_mb * (1 << 20)),

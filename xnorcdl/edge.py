@@ -16,34 +16,40 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import cli
-from .errors import UsageError
+from . import cli, paths
+from .wire import MAX_SAMPLES as MAX_REQUEST_SAMPLES
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
-    a("--weights", required=True, help="the edge artifact (DIR/edge.npz of python -m xnorcdl split)")
+    cli.add_weights(ap, help="the edge artifact (DIR/edge.npz of python -m xnorcdl split)")
     cli.add_images(ap)
-    a("--cloud", required=True, help="URL of the cloud service, e.g. http://127.0.0.1:8765")
-    a("--threshold", default=None,
+    a("--cloud", required=True, type=cloud_url,
+      help="URL of the cloud service, e.g. http://127.0.0.1:8765")
+    a("--threshold", default=None, type=cli.thresholds_type,
       help="exit thresholds (nats), overriding the stored ones (default: the stored ones)")
     g = ap.add_argument_group("wire")
-    g.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
-    g.add_argument("--batch-size", type=int, default=16,
+    g.add_argument("--concurrency", type=cli.integer(1, 1024), default=4,
+                   help="requests in flight at most")
+    g.add_argument("--batch-size", type=cli.integer(1, MAX_REQUEST_SAMPLES), default=16,
                    help="cloud-bound samples per request at most")
     g.add_argument("--wire-dtype", default="float32", choices=["float32", "float16"],
                    help="features on the wire: exact float32, or float16 (lossy, half the bytes)")
     g.add_argument("--compress", default="none", choices=["none", "zlib"],
                    help="lossless payload compression")
-    g.add_argument("--token-file", default=None, help="file holding the bearer token of the cloud")
-    g.add_argument("--retry-for", type=float, default=60.0,
+    g.add_argument("--token-file", default=None, type=paths.input_path(),
+                   help="file holding the bearer token of the cloud")
+    g.add_argument("--retry-for", type=cli.number(0, 86400), default=60.0,
                    help="seconds a request is retried (connection errors, timeouts, 5xx) before "
                         "giving up")
-    g.add_argument("--timeout", type=float, default=30.0, help="seconds one HTTP attempt may take")
-    g.add_argument("--tx-pj-per-bit", type=float, default=None, metavar="P",
+    g.add_argument("--timeout", type=cli.number(0, 3600, lo_open=True), default=30.0,
+                   help="seconds one HTTP attempt may take")
+    g.add_argument("--tx-pj-per-bit", type=cli.number(0, 1e9, hi_open=True), default=None,
+                   metavar="P",
                    help="also price the bytes sent at P pJ per bit (give the radio's figure and "
                         "its source)")
-    a("--edge-batch", type=int, default=32, help="samples per edge batch")
+    a("--edge-batch", type=cli.integer(1, cli.MAX_BATCH), default=32,
+      help="samples per edge batch")
     a("--backend", default="fast", choices=["fast", "reference"],
       help="fast: Numba bit-packed kernels; reference: the NumPy oracle")
     cli.add_json(ap, "the summary and per-sample records")
@@ -65,19 +71,18 @@ def energy_records(part, exit_index: np.ndarray) -> List[dict]:
             for e in exit_index.tolist()]
 
 
-def check(args: argparse.Namespace) -> None:
-    cli.check_positive(args, "--concurrency", "--batch-size", "--edge-batch", "--limit")
-    if not args.retry_for >= 0:
-        raise UsageError(f"--retry-for: expected seconds >= 0, got {args.retry_for}",
-                         where="--retry-for")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout}", where="--timeout")
-    if not args.cloud.startswith(("http://", "https://")):
-        raise UsageError(f"--cloud {args.cloud}: expected an http:// or https:// URL",
-                         where="--cloud")
-    if args.tx_pj_per_bit is not None and not 0 <= args.tx_pj_per_bit < 1e9:
-        raise UsageError("--tx-pj-per-bit: expected a finite value >= 0", where="--tx-pj-per-bit")
-    cli.check_outputs(args, "--json")
+def cloud_url(text: str) -> str:
+    """``--cloud``: an http:// or https:// URL with a host."""
+    from urllib.parse import urlsplit
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r} "
+                                         f"({exc})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     from .edge_program import CloudClient, run_edge
     from .infer import summarize
     from .split import load_edge
-    check(args)
     part = load_edge(args.weights)
     model = part.model
     used = cli.parse_thresholds(args.threshold, len(model.exits)) or \

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Dict, List, Optional, Sequence
@@ -44,6 +43,9 @@ OPERATIONS = {"add32": "pJ/op", "mac32": "pJ/op", "mac1": "pJ/op", "mem_bit": "p
 MAC_CONVENTIONS = ("valid", "dense")
 #: what memory traffic is priced: parameters and activations, or parameters only
 MEMORY_MODES = ("weights_and_activations", "weights")
+#: largest table file read (bytes) and largest energy a row may give (pJ)
+MAX_TABLE_BYTES = 1 << 20
+MAX_ENERGY = 1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +90,10 @@ def _fail(path: str, key: str, expected: str, got) -> None:
 
 
 def _number(path: str, key: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        _fail(path, key, "a finite number >= 0", v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or not 0 < v <= MAX_ENERGY:
+        _fail(path, key, f"a finite number in (0, {MAX_ENERGY:g}] (a zero, negative or "
+                         "non-finite energy would make every ratio meaningless)", v)
     return float(v)
 
 
@@ -107,15 +111,17 @@ def parse_energy_table(doc, path: str = "<table>") -> EnergyTable:
                                where=path)
     _only(path, "the table", doc, ("format", "version", "description", "mac_convention",
                                    "memory", "operations", "rules"))
-    if doc.get("format") != TABLE_FORMAT:
+    if type(doc.get("format")) is not str or doc.get("format") != TABLE_FORMAT:
         _fail(path, "format", repr(TABLE_FORMAT), doc.get("format"))
-    if doc.get("version") != TABLE_VERSION:
-        _fail(path, "version", str(TABLE_VERSION), doc.get("version"))
+    if type(doc.get("version")) is not int or doc.get("version") != TABLE_VERSION:
+        _fail(path, "version", f"the integer {TABLE_VERSION}", doc.get("version"))
+    if "description" in doc and type(doc["description"]) is not str:
+        _fail(path, "description", "a string", doc["description"])
     conv = doc.get("mac_convention", "valid")
-    if conv not in MAC_CONVENTIONS:
+    if type(conv) is not str or conv not in MAC_CONVENTIONS:
         _fail(path, "mac_convention", " or ".join(repr(c) for c in MAC_CONVENTIONS), conv)
     memory = doc.get("memory", MEMORY_MODES[0])
-    if memory not in MEMORY_MODES:
+    if type(memory) is not str or memory not in MEMORY_MODES:
         _fail(path, "memory", " or ".join(repr(c) for c in MEMORY_MODES), memory)
     ops = doc.get("operations")
     if not isinstance(ops, dict):
@@ -134,8 +140,10 @@ def parse_energy_table(doc, path: str = "<table>") -> EnergyTable:
         if "energy" not in row:
             raise EnergyTableError(f"{path}: missing key '{key}.energy'", where=path)
         energy[name] = _number(path, f"{key}.energy", row["energy"])
-        if row.get("unit") != unit:
+        if type(row.get("unit")) is not str or row.get("unit") != unit:
             _fail(path, f"{key}.unit", repr(unit), row.get("unit"))
+        if "note" in row and type(row["note"]) is not str:
+            _fail(path, f"{key}.note", "a string", row["note"])
         src = row.get("source")
         if not isinstance(src, str) or not src.strip():
             _fail(path, f"{key}.source", "a non-empty string saying where the figure comes from",
@@ -148,29 +156,25 @@ def parse_energy_table(doc, path: str = "<table>") -> EnergyTable:
     _only(path, "'rules'", rules, ("mac_k",))
     rule = rules["mac_k"]
     _only(path, "'rules.mac_k'", rule, ("rule", "base", "formula", "source"))
-    if rule.get("rule") != "proportional":
+    if type(rule.get("rule")) is not str or rule.get("rule") != "proportional":
         _fail(path, "rules.mac_k.rule", "'proportional' (E(k-bit MAC) = k * E(base))",
               rule.get("rule"))
-    if rule.get("base") not in ("mac1",):
+    if type(rule.get("base")) is not str or rule.get("base") != "mac1":
         _fail(path, "rules.mac_k.base", "'mac1' (the binary MAC row)", rule.get("base"))
+    for key in ("formula", "source"):
+        if key in rule and type(rule[key]) is not str:
+            _fail(path, f"rules.mac_k.{key}", "a string", rule[key])
     return EnergyTable(path, energy, source, conv, rule["base"], memory)
 
 
 def load_energy_table(path: Optional[str] = None) -> EnergyTable:
-    """Read and validate a table; ``None`` reads the default (paper Table I)."""
+    """Read and validate a table; ``None`` reads the default (paper Table I). The file must be
+    a regular file of at most :data:`MAX_TABLE_BYTES` of UTF-8 JSON (nesting bounded, no
+    duplicate keys); every problem raises :class:`EnergyTableError` naming the file and key."""
+    from .files import parse_json, read_bytes
     path = DEFAULT_TABLE if path is None else os.fspath(path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise EnergyTableError(f"{path}: no such file", where=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnergyTableError(f"{path}: cannot read ({exc})", where=path) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise EnergyTableError(f"{path}: not valid JSON ({exc})", where=path) from None
-    return parse_energy_table(doc, path)
+    raw = read_bytes(path, MAX_TABLE_BYTES, EnergyTableError, "energy table")
+    return parse_energy_table(parse_json(raw, path, EnergyTableError), path)
 
 
 @functools.lru_cache(maxsize=1)

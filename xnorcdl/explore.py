@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from . import cli
 from . import design_space as ds
-from . import engine
+from . import engine, paths
 from .cli import VALIDATION, VALIDATION_HELP
 from .energy import load_energy_table
 from .errors import UsageError
@@ -38,29 +38,55 @@ DEFAULT_RULES = ds.STORED
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     a = ap.add_argument
-    a("--weights-dir", required=True, help="folder of weights files (.npz directly in it)")
+    a("--weights-dir", required=True, type=paths.input_path(folder=True),
+      help="folder of weights files (.npz directly in it)")
     a("--include-partial", action="store_true",
       help="also take WEIGHTS_DIR/partial/NAME.npz for each point without a final file (the "
            "provisional state of a point in training; marked as such in every output)")
     g = cli.add_images(ap, default="test_batch.bin", help="labelled evaluation records",
                        formats=("cifar10",))
-    g.add_argument("--calib", default=VALIDATION,
+    g.add_argument("--calib", default=VALIDATION, type=cli.images_type,
                    help=f"labelled calibration records for rules other than 'stored'; "
                         f"{VALIDATION_HELP}")
-    g.add_argument("--calib-limit", type=int, default=None,
+    g.add_argument("--calib-limit", type=cli.integer(), default=None,
                    help="use only the first N calibration samples (default: all)")
-    a("--rules", default=DEFAULT_RULES,
+    a("--rules", default=DEFAULT_RULES, type=cli.rules_type(also=(ds.STORED,)),
       help="comma-separated threshold rules: stored (each file's own thresholds), fixed:T, "
            "within:D, exits:P, accuracy:A; the first one draws Fig. 4")
     a("--baseline", default=os.path.join("weights", "r32_fp.npz"),
+      type=paths.input_path(specials=("",)),
       help="full-precision reference file the energy ratios are taken against ('' for none)")
-    a("--out", required=True, help="folder to write the results into (created if missing)")
+    a("--out", required=True, type=paths.output_dir(),
+      help="folder to write the results into (created if missing)")
     cli.add_backend(ap)
-    a("--energy", default=None, metavar="FILE",
+    a("--energy", default=None, metavar="FILE", type=paths.input_path(),
       help="the main energy table (JSON, docs/COUNTING.md) (default: the paper's Table I with "
            "valid-tap MACs); the paper-style table is always priced beside it")
     cli.add_json(ap, "design_space.json")
     cli.add_progress(ap)
+
+
+#: the files ``--out`` receives
+OUT_FILES = ("design_space.json", "fig4_cifar10.png", "fig4_cifar10.svg", "tables.md")
+
+
+def weights_files(args) -> List[str]:
+    """The weights files of ``--weights-dir`` (and its partial/ with ``--include-partial``)."""
+    if not os.path.isdir(args.weights_dir):
+        raise UsageError(f"--weights-dir {args.weights_dir}: not a folder", where="--weights-dir")
+    files = ds.grid_files(args.weights_dir, args.include_partial)
+    if not files:
+        raise UsageError(f"--weights-dir {args.weights_dir}: holds no .npz file",
+                         where="--weights-dir")
+    return files
+
+
+def io_paths(args) -> dict:
+    """The files explore reads from ``--weights-dir`` and writes into ``--out``, for the
+    checks of :func:`xnorcdl.paths.check_io`."""
+    return {"inputs": [("--weights-dir", f) for f in weights_files(args)]
+            + [("--energy", PAPER_TABLE)],
+            "outputs": [("--out", os.path.join(args.out, name), False) for name in OUT_FILES]}
 
 
 def parse_rules(text: str) -> List[str]:
@@ -73,16 +99,7 @@ def parse_rules(text: str) -> List[str]:
 
 def measure(args) -> dict:
     rules = parse_rules(args.rules)
-    cli.check_positive(args, "--batch-size", "--threads", "--limit", "--calib-limit")
-    if not os.path.isdir(args.weights_dir):
-        raise UsageError(f"--weights-dir {args.weights_dir}: not a folder", where="--weights-dir")
-    files = ds.grid_files(args.weights_dir, args.include_partial)
-    if not files:
-        raise UsageError(f"--weights-dir {args.weights_dir}: holds no .npz file",
-                         where="--weights-dir")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a folder", where="--out")
-    cli.check_outputs(args, "--json")
+    files = weights_files(args)
     tables = {"default": load_energy_table(args.energy), "paper": load_energy_table(PAPER_TABLE)}
     models = [(f, load_model(f)) for f in files]
     classes = {m.spec.num_classes for _, m in models}
@@ -138,11 +155,10 @@ def write_outputs(doc: dict, out: str) -> List[str]:
     """design_space.json, Fig. 4 (PNG, SVG) and tables.md into ``out`` (each atomically)."""
     from . import fig4, paper_tables
     os.makedirs(out, exist_ok=True)
-    written = [os.path.join(out, "design_space.json")]
-    if emit_json(doc, written[0]):
-        raise UsageError(f"--out {out}: cannot write design_space.json", where="--out")
-    written += fig4.draw(doc, os.path.join(out, "fig4_cifar10"))
-    path = os.path.join(out, "tables.md")
+    written = [os.path.join(out, OUT_FILES[0])]
+    emit_json(doc, written[0], "--out")
+    written += fig4.draw(doc, os.path.join(out, os.path.splitext(OUT_FILES[1])[0]))
+    path = os.path.join(out, OUT_FILES[3])
     paper_tables.write(doc, path)
     return written + [path]
 

@@ -1,14 +1,16 @@
 """Read, validate and write weights files (docs/FORMAT.md, version 1).
 
 Loading checks everything before anything is used and raises :class:`WeightsError` naming the
-file, the array or field, and what was expected. Writing is atomic: a temporary file in the same
-folder is renamed over the target only once it is complete, so no half-written file remains.
+file, the array or field, and what was expected: the file's kind and size, the zip directory
+(:mod:`xnorcdl.npz`), every field of the description with its exact type and range
+(:mod:`xnorcdl.spec`), every array's dtype and shape before it is read, and its values.
+Writing is atomic: a temporary file in the same folder is renamed over the target only once it
+is complete, so no half-written file remains.
 """
 from __future__ import annotations
 
 import json
 import os
-import zipfile
 from typing import Dict, Tuple
 
 import numpy as np
@@ -19,19 +21,57 @@ from .spec import ModelSpec, SpecError, expected_arrays
 META_KEY = "meta.json"
 
 
+#: largest weights file read (bytes) and largest total its members may declare; ResNet-32 in
+#: float32 is about 2 MB, ResNet-1202 (the deepest description allowed) about 80 MB
+MAX_FILE_BYTES = 256 << 20
+MAX_ARRAY_BYTES = 512 << 20
+#: largest meta.json (bytes) and most members a file may hold
+MAX_META_BYTES = 1 << 20
+MAX_MEMBERS = 20000
+#: largest magnitude of a parameter and of a folded BatchNorm scale or shift (far inside
+#: float32's range, so nothing overflows on the way)
+MAX_BN_AFFINE = 1e30
+
+
+def check_values(path: str, name: str, a: np.ndarray) -> None:
+    """Refuse NaN/inf or a magnitude beyond :data:`MAX_BN_AFFINE` in an array, and a negative
+    BN variance; the message names the array."""
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.isfinite(a).sum())
+        raise WeightsError(f"{path}: array '{name}' holds {bad} NaN/inf value(s)", where=path)
+    if (np.abs(a) > MAX_BN_AFFINE).any():
+        raise WeightsError(f"{path}: array '{name}' holds values beyond +-{MAX_BN_AFFINE:g}",
+                           where=path)
+    if name.endswith(".bn.var"):
+        if (a < 0).any():
+            i = int(np.argmax(a < 0))
+            raise WeightsError(f"{path}: array '{name}' holds negative variances (element {i} "
+                               f"is {float(a[i]):g}); expected >= 0", where=path)
+
+
+def check_batchnorm(path: str, arrays: Dict[str, np.ndarray], eps: float) -> None:
+    """Refuse a BatchNorm whose folded scale gamma / sqrt(var + eps) or shift
+    beta - mean * scale exceeds :data:`MAX_BN_AFFINE` (it would overflow float32 on the way);
+    the message names the arrays."""
+    for name in arrays:
+        if not name.endswith(".bn.var"):
+            continue
+        p = name[:-len("var")]
+        g, b, m, v = (arrays[p + k].astype(np.float64) for k in ("gamma", "beta", "mean", "var"))
+        scale = g / np.sqrt(v + eps)
+        shift = b - m * scale
+        for what, x in (("scale gamma / sqrt(var + bn_eps)", scale),
+                        ("shift beta - mean * scale", shift)):
+            if not (np.abs(x) <= MAX_BN_AFFINE).all():
+                i = int(np.argmax(~(np.abs(x) <= MAX_BN_AFFINE)))
+                raise WeightsError(f"{path}: arrays '{p}*': the folded BatchNorm {what} of "
+                                   f"channel {i} is {float(x[i]):g}, beyond +-{MAX_BN_AFFINE:g} "
+                                   f"(bn_eps = {eps:g})", where=path)
+
+
 def _check_arrays(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> None:
     expected = expected_arrays(spec)
-    missing = [k for k in expected if k not in arrays]
-    if missing:
-        shape, meaning = expected[missing[0]]
-        raise WeightsError(
-            f"{path}: missing array '{missing[0]}' (expected float32 {list(shape)}: {meaning})"
-            + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
-    extra = sorted(k for k in arrays if k not in expected)
-    if extra:
-        raise WeightsError(f"{path}: unexpected array(s) {extra} for this description "
-                           f"(edge_convs={spec.edge_convs}, shortcut={spec.shortcut!r}, "
-                           f"{len(spec.exits)} exit(s))", where=path)
+    _check_names(path, spec, expected, arrays)
     for name, (shape, meaning) in expected.items():
         a = arrays[name]
         if a.dtype != np.float32:
@@ -40,59 +80,68 @@ def _check_arrays(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> 
         if a.shape != shape:
             raise WeightsError(f"{path}: array '{name}' has shape {list(a.shape)}, "
                                f"expected {list(shape)} ({meaning})", where=path)
-        if not np.isfinite(a).all():
-            bad = int(np.size(a) - np.isfinite(a).sum())
-            raise WeightsError(f"{path}: array '{name}' holds {bad} NaN/inf value(s)", where=path)
-        if name.endswith(".bn.var") and (a < 0).any():
-            raise WeightsError(f"{path}: array '{name}' holds negative variances", where=path)
+        check_values(path, name, a)
+    check_batchnorm(path, arrays, spec.bn_eps)
+
+
+def _check_names(path: str, spec: ModelSpec, expected, names) -> None:
+    missing = [k for k in expected if k not in names]
+    if missing:
+        shape, meaning = expected[missing[0]]
+        raise WeightsError(
+            f"{path}: missing array '{missing[0]}' (expected float32 {list(shape)}: {meaning})"
+            + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""), where=path)
+    extra = sorted(k for k in names if k not in expected)
+    if extra:
+        raise WeightsError(f"{path}: unexpected array(s) {extra[:5]} for this description "
+                           f"(edge_convs={spec.edge_convs}, shortcut={spec.shortcut!r}, "
+                           f"{len(spec.exits)} exit(s))", where=path)
+
+
+def read_meta(archive, path: str, error=WeightsError):
+    """The decoded ``meta.json`` of a checked archive (:class:`xnorcdl.npz.Npz`): a 1-D uint8
+    array of at most :data:`MAX_META_BYTES` bytes of UTF-8 JSON, nesting bounded."""
+    from .files import parse_json
+    if META_KEY not in archive.members:
+        raise error(f"{path}: missing array '{META_KEY}' (the JSON description, 1-D uint8 UTF-8 "
+                    "bytes); is this an xnorcdl file?", where=path)
+    raw = archive.read(META_KEY, np.uint8, ndim=1, max_elements=MAX_META_BYTES)
+    return parse_json(raw, f"{path}: {META_KEY}", error)
 
 
 def load_weights(path: str) -> Tuple[ModelSpec, Dict[str, np.ndarray]]:
-    """Load and validate a weights file; returns the description and the arrays."""
+    """Load and validate a weights file; returns the description and the arrays.
+
+    The file must be a regular file of at most :data:`MAX_FILE_BYTES`; its zip directory is
+    checked before anything is decompressed (:mod:`xnorcdl.npz`), its description before any
+    array is read, and every array's dtype and shape before it is allocated. Every problem
+    raises :class:`WeightsError` naming the file and the member or field."""
+    from .npz import Npz
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file", where=path) from None
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read ({exc})", where=path) from None
-    if magic != b"PK\x03\x04":
-        raise WeightsError(f"{path}: not a readable .npz archive (no zip signature); "
-                           "weights files are written by xnorcdl.format.save_weights", where=path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file", where=path) from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise WeightsError(f"{path}: not a readable .npz archive ({exc})", where=path) from None
-    except ValueError as exc:  # object arrays need pickle, which is never allowed
-        raise WeightsError(f"{path}: holds an array that needs pickle ({exc}); "
-                           "only numeric arrays are allowed", where=path) from None
-    if META_KEY not in arrays:
-        raise WeightsError(f"{path}: missing array '{META_KEY}' (the JSON description, "
-                           "uint8 UTF-8 bytes); is this an xnorcdl weights file?", where=path)
-    raw = arrays.pop(META_KEY)
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise WeightsError(f"{path}: array '{META_KEY}' must be 1-D uint8 UTF-8 JSON, "
-                           f"got {raw.dtype} with shape {list(raw.shape)}", where=path)
-    try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: '{META_KEY}' is not valid UTF-8 JSON ({exc})",
-                           where=path) from None
+    archive = Npz(path, WeightsError, MAX_FILE_BYTES, MAX_MEMBERS, MAX_ARRAY_BYTES,
+                  "weights file")
+    meta = read_meta(archive, path)
     try:
         spec = ModelSpec.from_json_dict(meta)
     except SpecError as exc:
         raise WeightsError(f"{path}: {META_KEY}: {exc}", where=path) from None
-    _check_arrays(path, spec, arrays)
+    expected = expected_arrays(spec)
+    names = [k for k in archive.names if k != META_KEY]
+    _check_names(path, spec, expected, names)
+    arrays = {}
+    for name, (shape, _) in expected.items():
+        arrays[name] = archive.read(name, np.float32, shape)
+        check_values(path, name, arrays[name])
+    check_batchnorm(path, arrays, spec.bn_eps)
     return spec, arrays
 
 
 def save_weights(path: str, spec: ModelSpec, arrays: Dict[str, np.ndarray]) -> None:
-    """Validate, then write atomically (the target appears only once complete)."""
+    """Validate, then write atomically (the target appears only once complete). ``path`` must
+    not be a folder, a symbolic link, a FIFO or a device (:func:`xnorcdl.paths.check_output`)."""
+    from .paths import check_output
     path = os.fspath(path)
+    check_output(path, "path", stdout=False)
     spec.validate()
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     _check_arrays(path, spec, arrays)

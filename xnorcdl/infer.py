@@ -65,13 +65,13 @@ def print_summary(s: dict, model, backend: str, out=None) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_weights(ap)
     cli.add_images(ap, help="binary record file")
-    ap.add_argument("--threshold", default=None,
+    ap.add_argument("--threshold", default=None, type=cli.thresholds_type,
                     help="entropy threshold(s) in nats, comma-separated, one per exit (or one for "
                          "all); strict H < T (default: the thresholds stored in the file)")
     cli.add_backend(ap, batch_size=None,
                     batch_help="samples per batch (decisions stay per sample) (default: 1 with "
                                "--backend fast, 100 with reference)")
-    ap.add_argument("--workers", type=int, default=1,
+    ap.add_argument("--workers", type=cli.integer(1, 64), default=1,
                     help="threads running Algorithm 1 on shares of the images, each with its own "
                          "executor (throughput on several cores; the same results)")
     cli.add_energy(ap)
@@ -80,13 +80,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_positive(args, "--batch-size", "--threads", "--workers")
-    cli.check_outputs(args, "--json")
     from .energy import format_energy, load_energy_table, per_sample_records
     net = api.load(args.weights)
     model = net.model
-    table = load_energy_table(args.energy)
     thresholds = parse_thresholds(args.threshold, len(model.exits))
+    table = load_energy_table(args.energy)
     path = resolve_images(args.images, args.fetch)
     images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
     net.executor(args.backend)  # built (kernels prepared) before the clock starts

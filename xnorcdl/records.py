@@ -1,4 +1,4 @@
-"""Memory-mapped readers for CIFAR-style binary record files.
+"""Readers for CIFAR-style binary record files.
 
 Every record is a few label bytes followed by 3072 pixel bytes: the R plane, the G plane and the
 B plane of a 32x32 image, 1024 bytes each, row-major. Formats (``RECORD_FORMATS``):
@@ -7,8 +7,10 @@ B plane of a 32x32 image, 1024 bytes each, row-major. Formats (``RECORD_FORMATS`
 - ``cifar100``: 1 coarse label byte (0..19), 1 fine label byte (0..99), then the pixels;
 - ``raw``: the pixels only, no label.
 
-``read_records(path, fmt)`` maps the file without copying the pixels and checks its size and
-every label; problems raise ``DataError`` naming the file and what was wrong.
+``read_records(path, fmt)`` reads the file into memory (a regular file of at most
+:data:`MAX_BYTES`; never memory-mapped, so a file truncated by another program while it is read
+gives an error, not a SIGBUS) and checks its size and every label; problems raise ``DataError``
+naming the file and what was wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from .errors import DataError
 
 IMAGE_SHAPE = (3, 32, 32)
 PIXEL_BYTES = 3 * 32 * 32
+#: largest record file read (bytes): about 700,000 CIFAR-10 records
+MAX_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,7 @@ def record_format(fmt: str) -> RecordFormat:
                         f"{', '.join(RECORD_FORMATS)}") from None
 
 
-def _record_count(path: str, rec: RecordFormat) -> int:
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file, expected {rec.name} records", where=path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a {rec.name} record file", where=path)
-    size = os.path.getsize(path)
+def _record_count(path: str, rec: RecordFormat, size: int) -> int:
     rs = rec.record_size
     if size == 0:
         raise DataError(f"{path}: file is empty, expected {rec.name} records of {rs} bytes each",
@@ -86,17 +85,27 @@ def _check_labels(path: str, rec: RecordFormat, table: np.ndarray) -> None:
                             where=path)
 
 
-def read_records(path, fmt: str = "cifar10") -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Map a record file: ``(images, labels)``.
+def read_records(path, fmt: str = "cifar10", limit: Optional[int] = None
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read a record file: ``(images, labels)``, the first ``limit`` records when given.
 
-    ``images`` is a read-only ``np.memmap`` view shaped ``[N, 3, 32, 32]`` uint8 (no copy);
+    ``images`` is a read-only uint8 array ``[N, 3, 32, 32]`` (a view of the bytes read);
     ``labels`` is an int64 array ``[N]`` (the fine label for ``cifar100``; ``None`` for ``raw``).
-    ``fmt`` defaults to ``cifar10``.
+    ``fmt`` defaults to ``cifar10``. The file must be a regular file of at most
+    :data:`MAX_BYTES` whose size is a whole number of records.
     """
+    from .files import open_input, read_fd
     rec = record_format(fmt)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
+                              or limit < 0):
+        raise DataError(f"limit: expected an integer >= 0 or None, got {limit!r}", where="limit")
     path = os.fspath(path)
-    n = _record_count(path, rec)
-    table = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, rec.record_size))
+    rs = rec.record_size
+    with open_input(path, MAX_BYTES, DataError, f"{rec.name} record file") as (fd, size):
+        n = _record_count(path, rec, size)
+        if limit is not None:
+            n = min(n, int(limit))
+        table = read_fd(fd, n * rs, size, path, DataError).reshape(n, rs)
     _check_labels(path, rec, table)
     images = table[:, rec.label_bytes:].reshape((n,) + IMAGE_SHAPE)
     labels = table[:, rec.label_bytes - 1].astype(np.int64) if rec.labels else None

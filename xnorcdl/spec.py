@@ -21,6 +21,14 @@ STEM_WIDTH = 16
 IMAGE_SHAPE = (3, 32, 32)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: limits that keep a description's arrays (and the memory a loader needs) bounded
+MAX_DEPTH = 1202            # ResNet-1202, n = 200: about 19 M parameters
+MAX_CLASSES = 1000
+MAX_EXITS = 3 * ((MAX_DEPTH - 2) // 6)
+MAX_ABS = 1e6               # largest magnitude of a quantizer constant, mean or std
+MIN_V0, MAX_V0 = 1e-6, 1e6
+MIN_STD = 1e-6
+MAX_EPS = 1.0
 
 
 class SpecError(WeightsError):
@@ -94,45 +102,68 @@ class ModelSpec:
 
     # ---- validation -------------------------------------------------------
     def validate(self) -> None:
+        """Check every field exactly (a bool is not an int, a float is not an int) and within
+        the ranges of docs/FORMAT.md; :class:`SpecError` names the field."""
         def need(ok: bool, field: str, expected: str, got) -> None:
             if not ok:
                 raise SpecError(f"field '{field}': expected {expected}, got {got!r}")
 
-        need(isinstance(self.depth, int) and self.depth >= 8 and (self.depth - 2) % 6 == 0,
-             "depth", "an integer 6n+2 with n >= 1 (8, 14, 20, 32, ...)", self.depth)
-        need(isinstance(self.num_classes, int) and self.num_classes >= 2,
-             "num_classes", "an integer >= 2", self.num_classes)
-        need(isinstance(self.edge_convs, int) and 0 <= self.edge_convs <= self.num_convs
+        def integer(v) -> bool:  # JSON gives int, float or bool: only an int is an integer
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v, lo: float = -MAX_ABS, hi: float = MAX_ABS) -> bool:
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and lo <= v <= hi)
+
+        need(integer(self.depth) and 8 <= self.depth <= MAX_DEPTH and (self.depth - 2) % 6 == 0,
+             "depth", f"an integer 6n+2 with 1 <= n <= {(MAX_DEPTH - 2) // 6} (8, 14, 20, 32, ...)",
+             self.depth)
+        need(integer(self.num_classes) and 2 <= self.num_classes <= MAX_CLASSES,
+             "num_classes", f"an integer in [2, {MAX_CLASSES}]", self.num_classes)
+        need(integer(self.edge_convs) and 0 <= self.edge_convs <= self.num_convs
              and self.edge_convs % 2 == 0, "edge_convs",
              f"an even integer in [0, {self.num_convs}] (the split must fall between residual blocks)",
              self.edge_convs)
-        need(self.edge_bits in EDGE_BITS, "edge_bits", "1, 2 or 4", self.edge_bits)
+        need(integer(self.edge_bits) and self.edge_bits in EDGE_BITS, "edge_bits",
+             "the integer 1, 2 or 4", self.edge_bits)
         for name in ("v0", "v1", "v2"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and math.isfinite(v), f"quantizer.{name}",
-                 "a finite number", v)
-        need(self.v0 > 0 and math.isclose(self.v1, 2 * self.v0) and math.isclose(self.v2, 0.5),
-             "quantizer", "a symmetric quantizer: v0 > 0, v1 = 2*v0, v2 = 0.5",
+            need(number(v), f"quantizer.{name}", f"a finite number within +-{MAX_ABS:g}", v)
+        need(MIN_V0 <= self.v0 <= MAX_V0 and math.isclose(self.v1, 2 * self.v0)
+             and math.isclose(self.v2, 0.5), "quantizer",
+             f"a symmetric quantizer: {MIN_V0:g} <= v0 <= {MAX_V0:g}, v1 = 2*v0, v2 = 0.5",
              {"v0": self.v0, "v1": self.v1, "v2": self.v2})
-        need(self.shortcut in SHORTCUTS, "shortcut", " or ".join(SHORTCUTS), self.shortcut)
+        need(type(self.shortcut) is str and self.shortcut in SHORTCUTS, "shortcut",
+             " or ".join(SHORTCUTS), self.shortcut)
+        need(isinstance(self.exits, (tuple, list))
+             and all(isinstance(e, ExitSpec) for e in self.exits), "exits", "a list of exits",
+             self.exits)
         previous = 0
         for k, e in enumerate(self.exits):
-            need(isinstance(e.after_conv, int) and e.after_conv % 2 == 0
+            need(integer(e.after_conv) and e.after_conv % 2 == 0
                  and 2 <= e.after_conv <= self.edge_convs and e.after_conv > previous,
                  f"exits[{k}].after_conv",
-                 f"an even conv index in [2, edge_convs={self.edge_convs}], after the previous exit",
-                 e.after_conv)
-            need(isinstance(e.threshold, (int, float)) and math.isfinite(e.threshold)
-                 and e.threshold >= 0, f"exits[{k}].threshold", "a finite number >= 0 (nats)",
-                 e.threshold)
+                 f"an even integer conv index in [2, edge_convs={self.edge_convs}], after the "
+                 "previous exit", e.after_conv)
+            need(number(e.threshold, 0.0, math.inf), f"exits[{k}].threshold",
+                 "a finite number >= 0 (nats)", e.threshold)
             previous = e.after_conv
         for name in ("mean", "std"):
             v = getattr(self, name)
-            need(len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v),
-                 f"normalize.{name}", "3 finite numbers", v)
-        need(all(s > 0 for s in self.std), "normalize.std", "3 positive numbers", self.std)
-        need(isinstance(self.bn_eps, (int, float)) and self.bn_eps > 0, "bn_eps",
-             "a positive number", self.bn_eps)
+            need(isinstance(v, (tuple, list)) and len(v) == 3 and all(number(x) for x in v),
+                 f"normalize.{name}", f"3 finite numbers within +-{MAX_ABS:g}", v)
+        need(all(MIN_STD <= s <= MAX_ABS for s in self.std), "normalize.std",
+             f"3 numbers in [{MIN_STD:g}, {MAX_ABS:g}]", self.std)
+        need(number(self.bn_eps) and 0 < self.bn_eps <= MAX_EPS, "bn_eps",
+             f"a finite number in (0, {MAX_EPS:g}]", self.bn_eps)
+        prov = self.provenance
+        need(prov is None or isinstance(prov, dict), "provenance", "an object", prov)
+        if prov:
+            for key, kinds, expected in (("partial", (dict, type(None)), "an object or null"),
+                                         ("recalibrations", (list,), "a list"),
+                                         ("strategy", (str,), "a string")):
+                if key in prov:
+                    need(isinstance(prov[key], kinds), f"provenance.{key}", expected, prov[key])
 
     # ---- JSON -------------------------------------------------------------
     def to_json_dict(self) -> dict:
@@ -151,17 +182,18 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_json_dict(cls, d: dict) -> "ModelSpec":
-        if not isinstance(d, dict):
+    def from_json_dict(cls, d) -> "ModelSpec":
+        """The description of a decoded ``meta.json``, every field checked
+        (:meth:`validate`); :class:`SpecError` names the field."""
+        if type(d) is not dict:
             raise SpecError(f"description: expected a JSON object, got {type(d).__name__}")
-        if d.get("format") != FORMAT_NAME:
-            raise SpecError(f"field 'format': expected {FORMAT_NAME!r}, got {d.get('format')!r}")
-        if d.get("version") != FORMAT_VERSION:
+        for field, want in (("format", FORMAT_NAME), ("arch", ARCH)):
+            if type(d.get(field)) is not str or d.get(field) != want:
+                raise SpecError(f"field '{field}': expected {want!r}, got {d.get(field)!r}")
+        if type(d.get("version")) is not int or d.get("version") != FORMAT_VERSION:
             raise SpecError(
                 f"field 'version': this engine reads version {FORMAT_VERSION}, got "
                 f"{d.get('version')!r}; re-export the weights or use a matching xnorcdl release")
-        if d.get("arch") != ARCH:
-            raise SpecError(f"field 'arch': expected {ARCH!r}, got {d.get('arch')!r}")
         known = {"format", "version", "arch", "depth", "num_classes", "edge_convs", "edge_bits",
                  "quantizer", "shortcut", "exits", "normalize", "bn_eps", "provenance"}
         unknown = sorted(set(d) - known)
@@ -170,19 +202,38 @@ class ModelSpec:
         missing = sorted(known - {"provenance"} - set(d))
         if missing:
             raise SpecError(f"missing field(s) {missing}")
-        try:
-            q = d["quantizer"]
-            exits = tuple(ExitSpec(e["after_conv"], e["threshold"]) for e in d["exits"])
-            spec = cls(depth=d["depth"], num_classes=d["num_classes"],
-                       edge_convs=d["edge_convs"], edge_bits=d["edge_bits"],
-                       v0=q["v0"], v1=q["v1"], v2=q["v2"], shortcut=d["shortcut"], exits=exits,
-                       mean=tuple(d["normalize"]["mean"]), std=tuple(d["normalize"]["std"]),
-                       bn_eps=d["bn_eps"], provenance=d.get("provenance"))
-        except (KeyError, TypeError) as exc:
-            raise SpecError(f"malformed description: missing or ill-typed {exc}") from None
+        q = _object(d["quantizer"], "quantizer", ("v0", "v1", "v2"))
+        norm = _object(d["normalize"], "normalize", ("mean", "std"))
+        exits = d["exits"]
+        if type(exits) is not list or len(exits) > MAX_EXITS:
+            raise SpecError(f"field 'exits': expected a list of at most {MAX_EXITS} exits, got "
+                            f"{_short(exits)}")
+        exits = tuple(ExitSpec(*_object(e, f"exits[{k}]", ("after_conv", "threshold")).values())
+                      for k, e in enumerate(exits))
+        for name in ("mean", "std"):
+            if type(norm[name]) is not list:
+                raise SpecError(f"field 'normalize.{name}': expected a list of 3 numbers, got "
+                                f"{_short(norm[name])}")
+        spec = cls(depth=d["depth"], num_classes=d["num_classes"],
+                   edge_convs=d["edge_convs"], edge_bits=d["edge_bits"],
+                   v0=q["v0"], v1=q["v1"], v2=q["v2"], shortcut=d["shortcut"], exits=exits,
+                   mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+                   bn_eps=d["bn_eps"], provenance=d.get("provenance"))
         spec.validate()
         return spec
 
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _object(v, field: str, keys: Tuple[str, ...]) -> dict:
+    """``v`` as an object holding exactly ``keys`` (in that order)."""
+    if type(v) is not dict or set(v) != set(keys):
+        raise SpecError(f"field '{field}': expected an object with keys {list(keys)}, got "
+                        f"{_short(v)}")
+    return {k: v[k] for k in keys}
 
 def _bn(prefix: str, channels: int, where: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return {f"{prefix}.bn.{p}": ((channels,), f"BatchNorm {p} {where}")

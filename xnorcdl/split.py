@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import zipfile
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -33,8 +33,17 @@ from .spec import ModelSpec, SpecError
 
 EDGE_FORMAT, CLOUD_FORMAT, VERSION = "xnorcdl-edge", "xnorcdl-cloud", 1
 META_KEY = "meta.json"
-#: largest artifact read (bytes); a ResNet-32 cloud is about 2 MB
+#: largest artifact read (bytes) and largest total its members may declare; a ResNet-32 cloud
+#: is about 2 MB
 MAX_BYTES = 256 << 20
+MAX_ARRAY_BYTES = 512 << 20
+MAX_MEMBERS = 20000
+#: largest magnitude of a prepared parameter (the folded BN of docs/FORMAT.md stays below it)
+MAX_ABS = 1e30
+#: the keys of an outcome's energy record and of its pJ per sample
+OUTCOME_KEYS = ("outcome", "pJ_per_sample", "comm_bytes", "macs_valid_by_bits",
+                "macs_dense_by_bits")
+PJ_KEYS = ("edge", "cloud", "compute", "memory", "total")
 
 
 # ------------------------------------------------------------------------------ bit packing
@@ -98,10 +107,9 @@ def _spec_dict(spec: ModelSpec) -> dict:
     return d
 
 
-def _save(path: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+def _write(f, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
     raw = np.frombuffer(json.dumps(meta, indent=1).encode("utf-8"), np.uint8)
-    with atomic_write(path) as f:
-        np.savez_compressed(f, **{META_KEY: raw}, **arrays)
+    np.savez_compressed(f, **{META_KEY: raw}, **arrays)
 
 
 def split(weights: str, out_dir: str) -> dict:
@@ -109,6 +117,10 @@ def split(weights: str, out_dir: str) -> dict:
     (paths, sizes, model id, and the float32 size of the edge layers for comparison)."""
     from .energy import profile
     from .model import load_model
+    from .paths import check_io
+    paths = {"edge": os.path.join(out_dir, "edge.npz"), "cloud": os.path.join(out_dir, "cloud.npz")}
+    check_io([(k, p, False) for k, p in paths.items()], [("weights", weights)],
+             [("out_dir", out_dir)])
     model = load_model(weights)
     spec = model.spec
     if model.head.edge:
@@ -132,13 +144,14 @@ def split(weights: str, out_dir: str) -> dict:
         cloud.update(_block_arrays(blk))
     cloud["head.weight"], cloud["head.bias"] = model.head.weight, model.head.bias
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"edge": os.path.join(out_dir, "edge.npz"), "cloud": os.path.join(out_dir, "cloud.npz")}
-    _save(paths["edge"], {"format": EDGE_FORMAT, **common, "energy_outcomes": outcomes,
-                          "energy_table": prof.table.to_dict(),
-                          "baselines_pJ_per_sample": {"full_precision_no_exit": prof.fp_no_exit,
-                                                      "hybrid_no_exit": prof.hybrid_no_exit}},
-          edge)
-    _save(paths["cloud"], {"format": CLOUD_FORMAT, **common}, cloud)
+    # both halves are complete on disk before either is renamed into place, so an interrupted
+    # split never leaves a new edge beside an old cloud
+    with atomic_write(paths["edge"]) as fe, atomic_write(paths["cloud"]) as fc:
+        _write(fe, {"format": EDGE_FORMAT, **common, "energy_outcomes": outcomes,
+                    "energy_table": prof.table.to_dict(),
+                    "baselines_pJ_per_sample": {"full_precision_no_exit": prof.fp_no_exit,
+                                                "hybrid_no_exit": prof.hybrid_no_exit}}, edge)
+        _write(fc, {"format": CLOUD_FORMAT, **common}, cloud)
     float32_edge = 4 * sum(int(np.prod(c.shape)) for blk in model.blocks[:n_edge]
                            for c in (blk.conv1, blk.conv2)) + 4 * sum(
         int(a.size) for k, a in edge.items() if not k.endswith(".codes"))
@@ -151,58 +164,92 @@ def split(weights: str, out_dir: str) -> dict:
 
 # ------------------------------------------------------------------------------ loading
 
-def _read(path: str, fmt: str) -> Tuple[dict, Dict[str, np.ndarray]]:
-    try:
-        size = os.stat(path).st_size
-        if size > MAX_BYTES:
-            raise ArtifactError(f"{path}: {size} bytes, more than the {MAX_BYTES} an artifact "
-                                "may hold")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not a readable {fmt} artifact ({exc})") from None
-    raw = arrays.pop(META_KEY, None)
-    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
-        raise ArtifactError(f"{path}: missing '{META_KEY}' (1-D uint8 JSON); is this an {fmt} "
-                            "artifact written by python -m xnorcdl split?")
-    try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: '{META_KEY}' is not valid JSON ({exc})") from None
+def _read(path: str, fmt: str):
+    """(meta, checked archive) of an artifact of format ``fmt``."""
+    from .format import read_meta
+    from .npz import Npz
+    path = os.fspath(path)
+    archive = Npz(path, ArtifactError, MAX_BYTES, MAX_MEMBERS, MAX_ARRAY_BYTES, f"{fmt} artifact")
+    meta = read_meta(archive, path, ArtifactError)
+
+    def fail(message: str):
+        raise ArtifactError(f"{path}: {message}", where=path)
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ArtifactError(f"{path}: format {got!r}, expected {fmt!r}"
-                            + (" (the other half of a split?)" if got in (EDGE_FORMAT, CLOUD_FORMAT)
-                               else ""))
-    if meta.get("version") != VERSION:
-        raise ArtifactError(f"{path}: {fmt} version {meta.get('version')!r}, this engine reads "
-                            f"version {VERSION}")
+        fail(f"format {got!r}, expected {fmt!r}"
+             + (" (the other half of a split?)" if got in (EDGE_FORMAT, CLOUD_FORMAT) else ""))
+    if type(meta.get("version")) is not int or meta.get("version") != VERSION:
+        fail(f"{fmt} version {meta.get('version')!r}, this engine reads version {VERSION}")
     mid = meta.get("model_id")
     if not (isinstance(mid, str) and len(mid) == 64 and all(c in "0123456789abcdef" for c in mid)):
-        raise ArtifactError(f"{path}: model_id: expected 64 hex digits, got {mid!r}")
+        fail(f"model_id: expected 64 hex digits, got {mid!r}")
     try:
         spec = ModelSpec.from_json_dict(meta.get("spec"))
-    except (SpecError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"{path}: spec: {exc}") from None
+    except SpecError as exc:
+        fail(f"spec: {exc}")
     meta["spec"] = spec
     eb = meta.get("edge_blocks")
     if type(eb) is not int or eb != spec.edge_convs // 2:
-        raise ArtifactError(f"{path}: edge_blocks: expected {spec.edge_convs // 2}, got {eb!r}")
-    return meta, arrays
+        fail(f"edge_blocks: expected {spec.edge_convs // 2}, got {eb!r}")
+    return meta, archive
 
 
-def _take(path: str, arrays, name: str, shape, dtype=np.float32) -> np.ndarray:
-    a = arrays.get(name)
-    if a is None:
-        raise ArtifactError(f"{path}: missing array '{name}'")
-    if a.dtype != dtype or tuple(a.shape) != tuple(shape):
-        raise ArtifactError(f"{path}: array '{name}' is {a.dtype} {list(a.shape)}, expected "
-                            f"{np.dtype(dtype)} {list(shape)}")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ArtifactError(f"{path}: array '{name}' holds NaN/inf values")
-    return np.ascontiguousarray(a)
+def _check_energy(path: str, meta: dict, n_outcomes: int) -> None:
+    """The energy records an edge artifact carries: ``n_outcomes`` outcomes, each with finite
+    pJ >= 0 per part, integer bytes and MAC counts; the table's MAC convention; the baselines."""
+    def fail(field: str, expected: str, got):
+        text = repr(got)
+        raise ArtifactError(f"{path}: {field}: expected {expected}, got "
+                            f"{text if len(text) <= 80 else text[:77] + '...'}", where=path)
+
+    def pj(field: str, d) -> None:
+        if type(d) is not dict or set(d) != set(PJ_KEYS) or not all(
+                type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in d.values()):
+            fail(field, f"an object of finite pJ >= 0 for {list(PJ_KEYS)}", d)
+
+    def counts(field: str, d) -> None:
+        if type(d) is not dict or not all(type(k) is str and k.isdigit() and type(v) is int
+                                          and v >= 0 for k, v in d.items()):
+            fail(field, "an object of bit widths -> integer counts >= 0", d)
+
+    outcomes = meta.get("energy_outcomes")
+    if type(outcomes) is not list or len(outcomes) != n_outcomes:
+        fail("energy_outcomes", f"a list of {n_outcomes} outcome records", outcomes)
+    for k, o in enumerate(outcomes):
+        where = f"energy_outcomes[{k}]"
+        if type(o) is not dict or set(o) != set(OUTCOME_KEYS):
+            fail(where, f"an object with keys {list(OUTCOME_KEYS)}", o)
+        if type(o["outcome"]) is not str:
+            fail(f"{where}.outcome", "a string", o["outcome"])
+        pj(f"{where}.pJ_per_sample", o["pJ_per_sample"])
+        if type(o["comm_bytes"]) is not int or o["comm_bytes"] < 0:
+            fail(f"{where}.comm_bytes", "an integer >= 0", o["comm_bytes"])
+        counts(f"{where}.macs_valid_by_bits", o["macs_valid_by_bits"])
+        counts(f"{where}.macs_dense_by_bits", o["macs_dense_by_bits"])
+    table = meta.get("energy_table")
+    if type(table) is not dict or table.get("mac_convention") not in ("valid", "dense"):
+        fail("energy_table", "an object with mac_convention 'valid' or 'dense'", table)
+    base = meta.get("baselines_pJ_per_sample")
+    if type(base) is not dict or set(base) != {"full_precision_no_exit", "hybrid_no_exit"}:
+        fail("baselines_pJ_per_sample", "an object with full_precision_no_exit and "
+                                        "hybrid_no_exit", base)
+    for k, v in base.items():
+        pj(f"baselines_pJ_per_sample.{k}", v)
+
+
+def _take(path: str, archive, name: str, shape, dtype=np.float32) -> np.ndarray:
+    """Array ``name`` of ``dtype`` and ``shape`` (checked before it is read); float arrays
+    finite and within +-:data:`MAX_ABS`, scales >= 0."""
+    a = archive.read(name, dtype, tuple(shape))
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ArtifactError(f"{path}: array '{name}' holds NaN/inf values", where=path)
+        if (np.abs(a) > MAX_ABS).any():
+            raise ArtifactError(f"{path}: array '{name}' holds values beyond +-{MAX_ABS:g}",
+                                where=path)
+        if name.endswith(".out_scale") and (a < 0).any():
+            raise ArtifactError(f"{path}: array '{name}' holds negative scales", where=path)
+    return a
 
 
 def _blocks(path: str, spec: ModelSpec, arrays, indices, used: set) -> List[Block]:
@@ -248,10 +295,10 @@ def _blocks(path: str, spec: ModelSpec, arrays, indices, used: set) -> List[Bloc
     return out
 
 
-def _no_extra(path: str, arrays, used: set) -> None:
-    extra = sorted(set(arrays) - used)
+def _no_extra(path: str, archive, used: set) -> None:
+    extra = sorted(set(archive.names) - used - {META_KEY})
     if extra:
-        raise ArtifactError(f"{path}: unexpected array(s) {extra[:5]}")
+        raise ArtifactError(f"{path}: unexpected array(s) {extra[:5]}", where=path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,9 +339,7 @@ def load_edge(path: str) -> Part:
         exits.append(Linear(f"exit{k}", w, bias, 3, spec.block_output_shape(b), b,
                             float(e.threshold), True))
     _no_extra(path, arrays, used)
-    outcomes = meta.get("energy_outcomes")
-    if not isinstance(outcomes, list) or len(outcomes) != len(exits) + 1:
-        raise ArtifactError(f"{path}: energy_outcomes: expected {len(exits) + 1} outcome records")
+    _check_energy(path, meta, len(exits) + 1)
     model = Model(spec, np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32),
                   stem, blocks, exits, None)
     return Part(model, meta)
@@ -319,18 +364,22 @@ def load_cloud(path: str) -> Part:
 # ------------------------------------------------------------------------------ command
 
 def add_arguments(ap) -> None:
-    from . import cli
+    from . import cli, paths
     cli.add_weights(ap)
-    ap.add_argument("--out", required=True, help="folder for edge.npz and cloud.npz")
+    ap.add_argument("--out", required=True, type=paths.output_dir(),
+                    help="folder for edge.npz and cloud.npz (created if missing)")
     cli.add_json(ap, "the report")
+
+
+def io_paths(args) -> dict:
+    """The two artifacts ``--out`` receives, for :func:`xnorcdl.paths.check_io`."""
+    return {"outputs": [("--out", os.path.join(args.out, n), False)
+                        for n in ("edge.npz", "cloud.npz")]}
 
 
 def run(args) -> int:
     from . import cli
     from .report import emit_json
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ArtifactError(f"--out {args.out}: exists and is not a folder", where="--out")
-    cli.check_outputs(args, "--json")
     rep = split(args.weights, args.out)
     out = cli.text_out(args)
     print(f"model id  {rep['model_id']}", file=out)

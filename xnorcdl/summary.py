@@ -109,12 +109,10 @@ def format_table(doc: dict) -> str:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_weights(ap)
     cli.add_energy(ap)
-    ap.add_argument("--json", default=None, metavar="PATH",
-                    help="also write the summary as JSON ('-' for stdout instead of the table)")
+    cli.add_json(ap, help="also write the summary as JSON ('-' for stdout instead of the table)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cli.check_outputs(args, "--json")
     model = load_model(args.weights)
     table = load_energy_table(args.energy)
     doc = layer_table(model, table)

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 from typing import List, Optional
 
-from . import calibrate, cli, engine
-from .cli import (VALIDATION, VALIDATION_HELP, check_positive, labelled_set,  # noqa: F401
-                  parse_range, parse_rules)
+from . import calibrate, cli, engine, paths
+from .cli import VALIDATION, VALIDATION_HELP, labelled_set, parse_rules
 from .energy import energy_summary, fmt_pj, load_energy_table
 from .errors import UsageError
+from .files import sha256_of
 from .format import load_weights, save_weights
 from .model import load_model
 from .report import emit_json
@@ -36,9 +35,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_weights(ap)
     g = cli.add_images(ap, default="test_batch.bin", help="labelled evaluation records",
                        formats=("cifar10", "cifar100"))
-    g.add_argument("--calib", default=VALIDATION,
+    g.add_argument("--calib", default=VALIDATION, type=cli.images_type,
                    help="labelled calibration records; " + VALIDATION_HELP)
-    g.add_argument("--calib-range", default=None, metavar="A:B",
+    g.add_argument("--calib-range", default=None, metavar="A:B", type=cli.range_type,
                    help="calibrate on records A..B-1 of the calibration set only (A or B may be "
                         "left out), e.g. 2500: with 'validation' for training images "
                         "47500..49999, the half that a recipe run's --select-images 2500 did "
@@ -47,7 +46,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     cli.add_backend(ap)
     cli.add_energy(ap)
     cli.add_json(ap, "the table")
-    ap.add_argument("--write", default=None, metavar="OUT",
+    ap.add_argument("--write", default=None, metavar="OUT", type=paths.output_path(),
                     help="write a copy of --weights with the thresholds of the first rule")
     cli.add_progress(ap)
 
@@ -72,9 +71,9 @@ def write_thresholds(src: str, dst: str, rule: str, thresholds: List[float], cal
                      samples: int) -> dict:
     """Copy ``src`` to ``dst`` (atomically) with new exit thresholds, recorded in the provenance
     (``recalibrations``: rule, calibration set, old and new thresholds, source sha256)."""
+    paths.check_io([("dst", dst, False)], [("src", src)])
     spec, arrays = load_weights(src)
-    with open(src, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = sha256_of(src)
     record = {"rule": rule, "calibration": calib, "samples": samples, "source_sha256": sha,
               "previous": [e.threshold for e in spec.exits], "thresholds": list(thresholds)}
     prov = dict(spec.provenance or {})
@@ -107,8 +106,6 @@ def format_table(doc: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     rules = parse_rules(args.rules)
-    check_positive(args, "--batch-size", "--threads")
-    cli.check_outputs(args, "--json", "--write")
     model = load_model(args.weights)
     if not model.exits:
         raise UsageError(f"{args.weights}: the model has no early exit; nothing to calibrate",
