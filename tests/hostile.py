@@ -15,6 +15,7 @@ import warnings
 import zipfile
 
 import numpy as np
+import pytest
 
 from conftest import make_spec, random_images
 from xnorcdl.energy import DEFAULT_TABLE
@@ -102,6 +103,12 @@ def make_files(folder):
     shutil.copy(os.path.join(folder, "w.npz"), os.path.join(folder, "grid", "w.npz"))
     split(os.path.join(folder, "w.npz"), os.path.join(folder, "d"))
     return folder
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """One folder of valid files per test module (make_files); tests work on copies."""
+    return make_files(tmp_path_factory.mktemp("pristine"))
 
 
 def copy_files(src, dst):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hostile import (assert_refused, copy_files, env, make_files, snapshot, table_doc, xnorcdl,
+from hostile import (assert_refused, copy_files, env, pristine, snapshot, table_doc, xnorcdl,
                      TIMEOUT)
 from xnorcdl import energy, files, format as fmt, records
 from xnorcdl.cloud import MAX_TOKEN_BYTES
@@ -108,11 +108,6 @@ FULL = ("summary --weights", "infer --images", "summary --energy", "cloud --toke
 CASES = [(slot, row, make) for slot, (_, kind) in SLOTS.items()
          for row, make, kinds in KINDS if (kinds is None or kind in kinds)
          and (slot in FULL or row in ("fifo", "device"))]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_files(tmp_path_factory.mktemp("pristine"))
 
 
 @pytest.fixture

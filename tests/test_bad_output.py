@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hostile import assert_refused, copy_files, make_files, snapshot, xnorcdl
+from hostile import assert_refused, copy_files, pristine, snapshot, xnorcdl
 
 #: one command line per command that writes, with OUT where its --json goes
 COMMANDS = {
@@ -24,11 +24,6 @@ COMMANDS = {
     "edge": ["edge", "--weights", "d/edge.npz", "--images", "i.bin", "--cloud",
              "http://127.0.0.1:9", "--retry-for", "0", "--no-progress", "--json", "OUT"],
 }
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_files(tmp_path_factory.mktemp("pristine"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from hostile import TIMEOUT, copy_files, env, make_files, snapshot, write_records, xnorcdl
+from hostile import TIMEOUT, copy_files, env, pristine, snapshot, write_records, xnorcdl
 
 STOP = r"""
 import os, sys, time
@@ -52,11 +52,6 @@ def _wait_for(proc, marker: bytes, timeout: float = TIMEOUT) -> bytes:
             pytest.fail(f"the command ended before {marker!r}: {got!r}")
         got += chunk
     return got
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_files(tmp_path_factory.mktemp("pristine"))
 
 
 @pytest.fixture
