@@ -170,8 +170,11 @@ def test_object_array_is_never_unpickled(base, tmp_path):
     import io
     folder, _ = base
     members = npz_members(os.path.join(folder, "w.npz"))
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    import pickle
+    buf = io.BytesIO()  # an object-dtype .npy: the header, then a pickle payload
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    buf.write(pickle.dumps([{"a": 1}]))
     members["head.bias.npy"] = buf.getvalue()
     write_zip(tmp_path / "bad.npz", list(members.items()))
     with pytest.raises(WeightsError, match="pickle"):
