@@ -62,9 +62,10 @@ def save(directory: str, cfg: dict, keys, state: dict, lr: float, write_npz) -> 
     os.replace(js + ".tmp", js)
 
 
-def load(directory: str, cfg: dict, keys, named_tensors) -> Optional[dict]:
+def load(directory: str, cfg: dict, keys, named_tensors, defaults=None) -> Optional[dict]:
     """The saved state, with the arrays copied into ``named_tensors`` (name -> tensor), or None
-    when there is none. A state made with another configuration, or whose ``.npz`` is not the
+    when there is none; ``defaults``: the values of keys a state written before they existed
+    held implicitly. A state made with another configuration, or whose ``.npz`` is not the
     one it names, is an error."""
     npz, js = paths(directory, cfg["out"])
     if not os.path.exists(js):
@@ -73,8 +74,8 @@ def load(directory: str, cfg: dict, keys, named_tensors) -> Optional[dict]:
         record = json.load(f)
     if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise SystemExit(f"error: {js}: not a {FORMAT} version {VERSION} file")
-    diff = {k: (record["config"].get(k), cfg.get(k)) for k in keys
-            if record["config"].get(k) != cfg.get(k)}
+    saved = {**(defaults or {}), **record["config"]}
+    diff = {k: (saved.get(k), cfg.get(k)) for k in keys if saved.get(k) != cfg.get(k)}
     if diff:
         raise SystemExit(f"error: {js} was made with another configuration {diff}")
     if not os.path.exists(npz) or sha256_of(npz) != record["sha256"]:

@@ -282,8 +282,15 @@ def model_from_file(path: str) -> HybridResNet:
     return model
 
 
-def init_from(model: HybridResNet, path: str, log=print) -> None:
-    """Copy arrays from ``path`` where the layer has the same role (see the module docstring)."""
+def init_from(model: HybridResNet, path: str, log=print, fit_ranges: bool = False,
+              edge_path: Optional[str] = None) -> None:
+    """Copy arrays from ``path`` where the layer has the same role (see the module docstring).
+
+    ``edge_path``: then the stem, the edge convs (weights and BNs) that are edge convs in
+    both networks, and the exits at the same place come from that file instead (a trained
+    hybrid whose edge already learned the edge block's structure). ``fit_ranges``: then
+    :func:`fit_quantizer_ranges` on the 2/4-bit edge convs whose weights did not come from an
+    edge of the same bit depth."""
     src_spec, arrays = load_weights(path)
     dst = named_tensors(model)
     spec = model.spec
@@ -312,3 +319,81 @@ def init_from(model: HybridResNet, path: str, log=print) -> None:
                     m.bn.running_mean.zero_(); m.bn.running_var.fill_(1.0)
     log(f"init from {path}: {len(copied)} arrays copied, {len(fresh)} initialised here "
         f"({', '.join(sorted(set(n.split('.')[0] + ('.bn' if '.bn.' in n else '') for n in fresh)))})")
+    origin = {i: src_spec for i in range(1, spec.num_convs + 1)}
+    if edge_path:
+        origin.update(_copy_edge(model, edge_path, log))
+    if fit_ranges and spec.edge_bits > 1:
+        fitted = [i for i in range(1, spec.num_convs + 1)
+                  if spec.is_edge_conv(i) and not (origin[i].is_edge_conv(i)
+                                                   and origin[i].edge_bits == spec.edge_bits)]
+        c_a = fit_quantizer_ranges(model, fitted)
+        log(f"quantizer ranges fitted for {spec.edge_bits}-bit codes: latent weights of "
+            f"{len(fitted)} edge convs rescaled, their input BN scaled to |gamma| {c_a:.4f}")
+
+
+def _copy_edge(model: HybridResNet, path: str, log) -> Dict[int, ModelSpec]:
+    """The edge part of ``path`` into ``model`` (:func:`init_from`'s ``edge_path``); returns
+    the convs copied, each mapped to the spec of ``path``."""
+    src_spec, arrays = load_weights(path)
+    spec = model.spec
+    if src_spec.shortcut != spec.shortcut or src_spec.depth != spec.depth:
+        raise ValueError(f"{path}: the edge must come from a ResNet-{spec.depth} with "
+                         f"{spec.shortcut} shortcuts")
+    both = min(spec.edge_convs, src_spec.edge_convs)
+    names = [n for n in named_tensors(model) if n.startswith("stem.")]
+    names += [n for n in named_tensors(model)
+              if n.startswith("conv") and int(n[4:n.index(".")]) <= both]
+    places = {e.after_conv: k for k, e in enumerate(src_spec.exits)}
+    exits = {k: places[e.after_conv] for k, e in enumerate(spec.exits) if e.after_conv in places}
+    dst = named_tensors(model)
+    with torch.no_grad():
+        for n in names:
+            dst[n].copy_(torch.from_numpy(arrays[n]))
+        for k, j in exits.items():
+            for part in ("weight", "bias"):
+                dst[f"exit{k}.{part}"].copy_(torch.from_numpy(arrays[f"exit{j}.{part}"]))
+    log(f"edge from {path}: stem, convs 1..{both}"
+        + (f", exits {sorted(exits)}" if exits else "") + f" ({src_spec.edge_bits}-bit there)")
+    return {i: src_spec for i in range(1, both + 1)}
+
+
+def _code_error(y: torch.Tensor, c: float, bits: int, v0: float) -> float:
+    """Relative squared error of the codes of ``c * y`` as an approximation of ``y`` up to the
+    best scale: min_s ||s u - y||^2 / ||y||^2 with u = codes(c y)."""
+    u = quant_codes(y * c, bits, v0)
+    s = (u * y).sum() / (u * u).sum().clamp_min(1e-30)
+    return float(((s * u - y) ** 2).sum() / (y * y).sum().clamp_min(1e-30))
+
+
+def fit_scale(y: torch.Tensor, bits: int, v0: float, lo: float, hi: float, n: int = 160) -> float:
+    """The factor c in a geometric grid [lo, hi] minimising :func:`_code_error` of ``c * y``."""
+    grid = np.geomspace(lo, hi, n)
+    return float(min(grid, key=lambda c: _code_error(y, float(c), bits, v0)))
+
+
+def fit_quantizer_ranges(model: HybridResNet, convs: Sequence[int]) -> float:
+    """Put the p-bit quantizers (p > 1) of the given edge convs in their working range.
+
+    Full-precision conv weights (|W| ~ 0.05) are far inside [-v0, v0]: eq. (3) maps nearly all
+    of them to the two codes next to zero, so a 2/4-bit edge starts as a binary-weight one, and
+    its residual branch, scaled by alpha v0^2 / Z^2 (eq. 2), starts Z/(v0 alpha)-fold too weak
+    against the shortcut. Each conv's latent weights are multiplied by the c minimising the
+    relative error of their codes (:func:`fit_scale`, one c per layer, so the filters keep
+    their relative norms), and the BN before the quantizer is scaled per channel to |gamma| =
+    c_a, the factor that does the same for a unit normal input (a fresh BN: gamma c_a, beta 0;
+    one from a binary edge keeps the zero crossing -beta/gamma its sign learned). Returns c_a.
+    """
+    spec = model.spec
+    bits, v0 = spec.edge_bits, float(spec.v0)
+    gen = torch.Generator().manual_seed(0)
+    c_a = fit_scale(torch.randn(1 << 18, generator=gen), bits, v0, 0.05, 4.0)
+    qconvs = [m for b in model.blocks if b.edge for m in (b.q1, b.q2)]
+    with torch.no_grad():
+        for i in convs:
+            m = qconvs[i - 1]
+            w = m.weight
+            w.mul_(fit_scale(w.detach().flatten(), bits, v0, 0.5, 500.0))
+            g = m.bn.weight.abs().clamp_min(1e-6)
+            m.bn.bias.mul_(c_a / g)
+            m.bn.weight.mul_(c_a / g)
+    return c_a

@@ -59,6 +59,16 @@ def init_record(path: Optional[str]) -> dict:
     return {"init": path, "init_sha256": sha256_of(path), "init_provenance": spec.provenance}
 
 
+def init_edge_record(cfg: dict) -> dict:
+    """The --init-edge file (path, sha256, its own provenance), when the run had one."""
+    path = cfg.get("init_edge")
+    if not path:
+        return {}
+    spec, _ = load_weights(path)
+    return {"init_edge": {"path": path, "sha256": sha256_of(path),
+                          "provenance": spec.provenance}}
+
+
 def teacher_record(cfg: dict) -> dict:
     """The distillation teacher (--teacher): path, sha256, alpha, T and its own provenance."""
     if not cfg["teacher"]:

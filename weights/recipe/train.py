@@ -102,7 +102,7 @@ import weight_average  # noqa: E402
 from epoch_select import operating_point  # noqa: E402
 from qat_resnet import CHANNELS_LAST, named_tensors  # noqa: E402
 from run_records import Logger, atomic_save  # noqa: E402
-from train_options import RESUME_KEYS, build_parser, fail, resolve  # noqa: E402,F401
+from train_options import CHECKPOINT_DEFAULTS, RESUME_KEYS, build_parser, fail, resolve  # noqa: E402,F401
 from val_scoring import predict  # noqa: E402
 
 
@@ -110,7 +110,8 @@ def resume_partial(cfg: dict, model, log):
     """(state, resume marker) of the partial state ``--partial`` holds for this run, its arrays
     copied into ``model`` (:mod:`partial_state`), or None when there is none. ``--epochs`` may
     change before the last phase, as with a checkpoint: the change is recorded."""
-    record = partial_state.load(cfg["partial"], cfg, RESUME_KEYS, named_tensors(model))
+    record = partial_state.load(cfg["partial"], cfg, RESUME_KEYS, named_tensors(model),
+                                CHECKPOINT_DEFAULTS)
     if record is None:
         return None
     state = record["state"]

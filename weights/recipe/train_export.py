@@ -19,7 +19,7 @@ import torch
 from cifar_batches import Data
 from epoch_select import better, operating_point
 from qat_resnet import HybridResNet, export
-from run_records import atomic_save, init_record, machine, teacher_record
+from run_records import atomic_save, init_edge_record, init_record, machine, teacher_record
 from val_scoring import calibrate_fast, conditional, predict
 
 
@@ -109,7 +109,8 @@ def validate_and_export(model: HybridResNet, data: Data, cfg: dict, state: dict,
             "steps": sum(h.get("steps", 0) for h in state["history"]),
             "batch": cfg["batch"], "lr": cfg["lr"], "exit_weights": cfg["exit_weights"],
             "clip_grad": cfg["clip_grad"] or None, "optimizer": cfg["optimizer"],
-            "seed": cfg["seed"], **init_record(cfg["init"]), **teacher_record(cfg),
+            "seed": cfg["seed"], **init_record(cfg["init"]), **init_edge_record(cfg),
+            **teacher_record(cfg),
             "data": data.source,
             "wall_time_s": round(state["wall"], 1), "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -20,10 +20,12 @@ from epoch_select import default_out
 RESUME_KEYS = ("depth", "edge_convs", "edge_bits", "exits", "exit_weights", "strategy",
                "batch", "lr", "sched", "seed", "init", "limit_train", "val_size", "shortcut",
                "time_budget", "teacher", "kd_weight", "kd_temp", "clip_grad", "optimizer",
-               "select_by", "select_images", "swa_every", "swa_start")
+               "select_by", "select_images", "swa_every", "swa_start", "fit_ranges",
+               "init_edge")
 
 #: values of resume keys that checkpoints written before the key existed held implicitly
-CHECKPOINT_DEFAULTS = {"clip_grad": 0.0, "optimizer": "sgd", "swa_every": 0, "swa_start": 0.5}
+CHECKPOINT_DEFAULTS = {"clip_grad": 0.0, "optimizer": "sgd", "swa_every": 0, "swa_start": 0.5,
+                       "fit_ranges": 0, "init_edge": None}
 
 
 def fail(msg: str) -> SystemExit:
@@ -46,6 +48,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g("--shortcut", default="zero_pad", choices=("zero_pad", "conv1x1"),
       help="downsampling shortcut (docs/FORMAT.md)")
     g("--init", default=None, help="weights file to start from (qat_resnet.init_from)")
+    g("--init-edge", default=None, metavar="FILE",
+      help="with --init: take the stem, the edge convs that are edge convs in both and the "
+           "exits at the same place from this trained hybrid instead (qat_resnet.init_from)")
+    g("--fit-ranges", type=int, default=0, choices=(0, 1),
+      help="with --init and --edge-bits 2/4: rescale the latent weights of edge convs new to "
+           "that bit depth and set their input BN gamma so the codes use the quantizer's range "
+           "(qat_resnet.fit_quantizer_ranges)")
 
     g = ap.add_argument_group("schedule and optimizer").add_argument
     g("--strategy", default="joint", choices=("joint", "separate"),
@@ -209,6 +218,8 @@ def resolve(args) -> dict:
     except ValueError as exc:
         raise fail(str(exc))
     _check_schedule(args, exits)
+    if args.init_edge and not args.init:
+        raise fail("--init-edge replaces the edge of the --init file: give --init")
     ckpt = args.ckpt_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "xnorcdl", "runs", os.path.splitext(os.path.basename(args.out))[0])

@@ -94,7 +94,8 @@ def build(cfg: dict, log):
                      shortcut=cfg["shortcut"], exits=tuple(ExitSpec(a, 0.0) for a in cfg["exits"]))
     model = HybridResNet(spec)
     if cfg["init"]:
-        init_from(model, cfg["init"], log)
+        init_from(model, cfg["init"], log, fit_ranges=bool(cfg.get("fit_ranges", 0)),
+                  edge_path=cfg.get("init_edge"))
     dev = cfg["device"]
     if dev == "cuda":
         # TF32 rounds conv inputs to 10 mantissa bits and accumulates in float32: the +-1 (and
