@@ -9,7 +9,19 @@ Points (CIFAR-10, ResNet-32, full-precision stem, zero-pad shortcuts):
   convs frozen and the exit trained alone on eq. 4);
 * ``r32_20E_1b_2exits``: Table IV, exits after conv 10 and conv 20 (lambda 0.3 each).
 
-Every point is fine-tuned from ``weights/r32_fp.npz`` and distilled from it, except two:
+Every point is fine-tuned from ``weights/r32_fp.npz`` and distilled from it, with two rules
+for the start (:func:`start_args`, measured before the runs: val accuracy after 120 steps,
+``weights/README.md``, "How a point starts"):
+
+* 2/4-bit points fit their quantizers' ranges at the start (``--fit-ranges 1``): float weights
+  sit so close to zero that eq. (3) would give them the two codes next to zero, and the residual
+  branches would start about Z-fold too weak;
+* points with M >= 20 edge convs take the stem and edge convs 1..20 from the trained 20E
+  hybrid ``weights/r32_20E.npz`` (``--init-edge``; itself fine-tuned from ``r32_fp.npz``), whose
+  edge already learned the edge block's structure (BN before the quantizer, no ReLU). For
+  M < 20 those convs were trained to feed more binary convs, not a float cloud, and the float
+  file starts better.
+
 ``r32_20E_1b`` is the shipped ``weights/r32_20E.npz`` recalibrated with the grid's threshold
 rule, and ``r32_20E_1b_2exits`` starts from that file (its second exit is new). The epoch budget
 per point is fixed before the runs (:data:`EPOCHS`); the recipe is :data:`COMMON`.
@@ -54,6 +66,12 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
           "--log-every", "50", "--threshold-rule", RULE]
 
 
+def start_args(m: int, bits: int) -> List[str]:
+    """``--init`` and the two start rules of the module docstring for M edge convs of p bits."""
+    return (["--init", FP] + (["--init-edge", SHIPPED] if m >= 20 else [])
+            + (["--fit-ranges", "1"] if bits > 1 else []))
+
+
 def points() -> List[Dict]:
     """The grid, in training order."""
     out = []
@@ -65,7 +83,8 @@ def points() -> List[Dict]:
                 continue
             out.append({"name": name, "args": ["--edge-convs", str(m), "--edge-bits", str(bits),
                                                "--exits", str(m), "--exit-weights", "0.6",
-                                               "--init", FP, "--epochs", str(EPOCHS[bits])]})
+                                               *start_args(m, bits),
+                                               "--epochs", str(EPOCHS[bits])]})
     out.append({"name": "r32_16E_1b_separate",
                 "args": ["--edge-convs", "16", "--edge-bits", "1", "--exits", "16",
                          "--exit-weights", "0.6", "--strategy", "separate", "--init", FP,
