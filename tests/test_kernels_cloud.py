@@ -75,3 +75,36 @@ def test_cloud_block_within_bound(name, seed, c, h, w, n, kind):
     assert np.array_equal(block(x2), CLOUD_KERNELS[name].build(c1, c2, kind, pad_channels,
                                                                sc)(x2))
     assert np.array_equal(block(x), got)
+
+
+def test_numpy_openblas_sgemm_is_found():
+    """The wheels this project installs ship NumPy's OpenBLAS in numpy.libs: the jitted block
+    path must be the one that runs (XNORCDL_JIT_SGEMM=0 turns it off on purpose)."""
+    import os
+    from xnorcdl.kernels import blas
+    if os.environ.get("XNORCDL_JIT_SGEMM") == "0":
+        pytest.skip("XNORCDL_JIT_SGEMM=0")
+    assert blas.sgemm() is not None, blas._libraries()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), c=st.integers(1, 40), h=st.integers(1, 12),
+       w=st.integers(1, 12), n=st.integers(1, 6),
+       kind=st.sampled_from(["identity", "zero_pad", "conv1x1"]))
+def test_jitted_sgemm_block_equals_the_numpy_path(seed, c, h, w, n, kind):
+    """One jitted call per chunk (sgemm called from jitted code) gives the very bits of the
+    same block run with np.matmul between the jitted passes."""
+    from xnorcdl.kernels import blas
+    if blas.sgemm() is None:
+        pytest.skip("no NumPy OpenBLAS found: only the np.matmul path exists")
+    rng = np.random.default_rng(seed)
+    stride = 1 if kind == "identity" else 2
+    o = c if kind == "identity" else 2 * c
+    x = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float32)
+    c1, c2 = conv(rng, o, c, 3, stride, 1), conv(rng, o, o, 3, 1, 1)
+    sc = conv(rng, o, c, 1, 2, 0) if kind == "conv1x1" else None
+    kernel = CLOUD_KERNELS["cloud_block_folded"]
+    jitted = kernel.build(c1, c2, kind, c // 2 if kind == "zero_pad" else 0, sc)
+    plain = kernel.build(c1, c2, kind, c // 2 if kind == "zero_pad" else 0, sc)
+    plain._sgemm = None
+    np.testing.assert_array_equal(jitted(x), plain(x))

@@ -160,7 +160,7 @@ class Network:
         ``threads``: BLAS threads for the float32 layers while it runs (batch-1 inference is
         fastest on one; ``None``: as configured); ``progress``: a
         :class:`xnorcdl.progress.Progress` to update; ``workers``: threads that each run
-        Algorithm 1 on a contiguous share of the images with an executor of their own (the
+        Algorithm 1 on chunks of the images, taken in turn, with an executor of their own (the
         fast backend's kernels release the GIL), for throughput on several cores; the
         results are those of one worker, sample for sample."""
         from .energy import energy_summary, load_energy_table, per_sample_energy
@@ -185,15 +185,18 @@ class Network:
         return Result(raw.predictions, raw.exit_index, raw.entropies, raw.logits, thr, energy)
 
     def _run(self, images, backend, thr, batch, progress, workers) -> engine.Results:
-        """engine.run over ``images``, split into ``workers`` contiguous shares run by threads.
+        """engine.run over ``images``, in chunks of whole batches that ``workers`` threads take
+        in turn from a shared counter (a worker that drew cheaper samples, more exits, takes
+        more chunks), results put back in image order.
 
-        Shares are whole batches, so every batch holds the samples it holds with one worker:
+        Chunks are whole batches, so every batch holds the samples it holds with one worker:
         BLAS-backed layers may round differently with another batch composition."""
         n_batches = -(-len(images) // batch)
         workers = min(workers, max(1, n_batches))
         if workers == 1:
             return engine.run(self.model, images, self.executor(backend), thr, batch, progress)
         import concurrent.futures
+        import itertools
         import threading
         executors = self.executors(backend, workers)
         lock = threading.Lock()
@@ -203,12 +206,24 @@ class Network:
                 with lock:
                     progress.update(n)
         shared = None if progress is None else _Shared()
-        bounds = np.minimum(np.linspace(0, n_batches, workers + 1).astype(int) * batch,
-                            len(images))
+        # about 32 chunks per worker: the last chunk to finish costs 1/32 of a share at most
+        step = max(1, n_batches // (32 * workers)) * batch
+        starts = list(range(0, len(images), step))
+        parts = [None] * len(starts)
+        counter = itertools.count()
+
+        def work(w):
+            while True:
+                with lock:
+                    c = next(counter)
+                if c >= len(starts):
+                    return
+                a = starts[c]
+                parts[c] = engine.run(self.model, images[a:a + step], executors[w], thr, batch,
+                                      shared)
+
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(
-                lambda w: engine.run(self.model, images[bounds[w]:bounds[w + 1]], executors[w],
-                                     thr, batch, shared), range(workers)))
+            list(pool.map(work, range(workers)))
         return engine.Results(*(np.concatenate([getattr(p, f.name) for p in parts])
                                 for f in dataclasses.fields(engine.Results)))
 
