@@ -304,22 +304,27 @@ class EdgeProgram:
         self.f32, self.f64, self.u64, self.i32, self.i16 = pools
         self.bufs = np.zeros((3, self._act), np.float32)
         self.wk = np.zeros(self._work, np.float32)
+        self._shapes = {}
+        self._no_images = np.zeros((1, 1, 1, 1), np.uint8)    # the input run() was not given
+        self._no_x = np.zeros((1, 1, 1, 1), np.float32)
         return self
 
     def output_shape(self, stop):
         """(C, H, W) of the activation after rows ``.. stop-1``."""
-        last = stop - 1
-        while self.meta[last, OP] == EXIT:
-            last -= 1
-        return tuple(int(v) for v in self.meta[last, [O_N, HO, WO]])
+        shape = self._shapes.get(stop)
+        if shape is None:
+            last = stop - 1
+            while self.meta[last, OP] == EXIT:
+                last -= 1
+            shape = self._shapes[stop] = tuple(int(v) for v in self.meta[last, [O_N, HO, WO]])
+        return shape
 
     def run(self, first, stop, images=None, x=None):
         """(activation ``[N, C, H, W]`` after row stop-1, logits ``[N, exits, classes]``)."""
         n = len(images) if images is not None else len(x)
         out = np.empty((n,) + self.output_shape(stop), np.float32)
         logits = np.zeros((n, max(1, self.exits), getattr(self, "classes", 1)), np.float32)
-        dummy_u8 = images if images is not None else np.zeros((1, 1, 1, 1), np.uint8)
-        dummy_x = x if x is not None else np.zeros((1, 1, 1, 1), np.float32)
-        run_program(self.meta, self.f32, self.f64, self.u64, self.i32, self.i16, first, stop, dummy_u8,
-                    dummy_x, out, logits, self.bufs, self.wk)
+        run_program(self.meta, self.f32, self.f64, self.u64, self.i32, self.i16, first, stop,
+                    self._no_images if images is None else images,
+                    self._no_x if x is None else x, out, logits, self.bufs, self.wk)
         return out, logits
