@@ -5,7 +5,8 @@ Series: the joint single-exit points of each bit depth, joined in order of M (so
 with the first rule's thresholds; dashed: the same files with their exits closed, every sample
 to the cloud, i.e. the hybrid of section III.A). Other points (separate optimization, two exits)
 are drawn alone, the full-precision baseline as a star, and the points on the Pareto front
-(with exits) carry their "16E+14C" labels. matplotlib (Agg) draws it: plotting is what it is
+(with exits) carry their "16E+14C" labels; a point still in training is ringed in gray with
+the epoch it reached. matplotlib (Agg) draws it: plotting is what it is
 for, and nothing in the engine depends on it.
 """
 from __future__ import annotations
@@ -65,6 +66,15 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
             x, y = _xy(p, rule, table, True)
             ax.annotate(p["config"], (x, y), textcoords="offset points", xytext=(5, 5),
                         fontsize=8, weight="bold")
+    for p in doc["points"]:
+        if not p["final"]:       # a provisional file: ringed, with how far its training got
+            x, y = _xy(p, rule, table, True)
+            ax.plot([x], [y], "o", ms=14, mfc="none", mec="0.6", zorder=1)
+            t = p.get("training") or {}
+            if t.get("epoch") is not None:
+                ax.annotate(f"epoch {t['epoch']}" + (f"/{t['of']}" if t.get("of") else ""),
+                            (x, y), textcoords="offset points", xytext=(-8, -16), fontsize=6,
+                            color="0.45")
     if doc.get("baseline"):
         b = doc["baseline"]["no_exit"]
         ax.plot([b["energy"][table]["total_pJ"] / 1e6], [100 * b["accuracy"]], "*", ms=14,
@@ -81,8 +91,9 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.text(0.01, -0.02, "without exit = the same files with their exits closed (every sample "
-             "to the cloud); diamonds: separate optimization or two exits", fontsize=7,
-             color="dimgray")
+             "to the cloud); diamonds: separate optimization or two exits"
+             + ("; gray rings: still in training (provisional)" if unfinished else ""),
+             fontsize=7, color="dimgray")
     out = []
     for ext in ("png", "svg"):
         path = f"{stem}.{ext}"
