@@ -59,11 +59,13 @@ RULE = "within:1"
 EPOCHS = {4: 3, 2: 4, 1: 8}
 
 #: the recipe shared by every point: SGD (Nesterov), cosine with 5 % warm-up, distillation
-#: from the full-precision network (alpha 0.9, T 4) with the gradient norm clipped at 5
+#: from the full-precision network (alpha 0.9, T 4) with the gradient norm clipped at 5; the
+#: training forward through torch.compile (about 1.4x faster steps on one CPU thread; not part
+#: of the configuration a resume checks, so a point may switch between epochs)
 COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "4",
           "--clip-grad", "5", "--lr", "0.02", "--sched", "cosine", "--warmup", "0.05",
           "--batch", "128", "--seed", "0", "--eval-every", "1",
-          "--log-every", "50", "--threshold-rule", RULE]
+          "--log-every", "50", "--threshold-rule", RULE, "--compile", "1"]
 
 
 def start_args(m: int, bits: int) -> List[str]:
