@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 
 from .files import remove_temporary
-from .records import PIXEL_BYTES, DataError, pack_records, read_records
+from .records import DataError, pack_records, read_records
 
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
