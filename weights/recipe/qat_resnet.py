@@ -14,6 +14,9 @@ channels) and has no counterpart in a full-precision file (whose BN follows the 
 as the identity (gamma 1, beta 0, running mean 0, running var 1), so the first batches quantize
 the block input itself, and batch statistics take over from the first step. The latent weights
 start from the full-precision conv weights. Exits missing from the source start at random.
+Two options change that start (``train.py --fit-ranges``, ``--init-edge``): the latent weights
+and input BNs of 2/4-bit edge convs scaled into their quantizer's working range
+(:func:`fit_quantizer_ranges`), and the stem and edge convs taken from a trained hybrid.
 """
 from __future__ import annotations
 
