@@ -30,7 +30,9 @@ The driver runs one epoch of each unfinished point in turn (round robin: every p
 provisional file early), each as ``train.py ... --partial weights/grid/partial --stop-after 1``,
 so the whole state of the grid lives in the repository (``partial/``: the model after its last
 epoch and the schedule state) and survives the loss of every cache. Rerun the same command to
-continue; a point whose ``weights/grid/<name>.npz`` exists is final and is skipped::
+continue; a point whose ``weights/grid/<name>.npz`` exists is final and is skipped. When a
+point becomes final its figures go into ``weights/grid/figures.json`` and its ``partial/``
+entries are removed (:func:`finalize`)::
 
     python weights/recipe/grid.py [--only NAME[,NAME...]] [--rounds N] [--dry-run]
 """
@@ -117,6 +119,48 @@ def progress(name: str) -> Optional[dict]:
         return json.load(f)["state"]
 
 
+def figures_path() -> str:
+    return os.path.join(GRID, "figures.json")
+
+
+def needs_finalizing(name: str) -> bool:
+    """A final file whose partial entries are still there or whose figures are not recorded
+    (``figures.json``, by sha256)."""
+    final = final_path(name)
+    if not os.path.exists(final):
+        return False
+    if any(os.path.exists(os.path.join(PARTIAL, name + ext)) for ext in (".npz", ".json")):
+        return True
+    try:
+        with open(figures_path()) as f:
+            recorded = json.load(f)["files"].get(name + ".npz", {}).get("sha256")
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    import hashlib
+    with open(final, "rb") as f:
+        return recorded != hashlib.sha256(f.read()).hexdigest()
+
+
+def finalize(name: str, log, run=subprocess.run) -> None:
+    """What a point's final file needs: its documented figures (``evaluate.py --subset 200
+    --skip-torch --write``: the first 200 test images on the reference executor, the whole test
+    set on the fast one, into ``figures.json``, under a lock so that two drivers do not
+    interleave their updates), then its ``partial/`` entries removed."""
+    import fcntl
+    import tempfile
+    cmd = [sys.executable, os.path.join("weights", "recipe", "evaluate.py"), final_path(name),
+           "--subset", "200", "--skip-torch", "--threads", "1", "--write"]
+    log("$ " + " ".join(cmd))
+    with open(os.path.join(tempfile.gettempdir(), "xnorcdl-grid-figures.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    for ext in (".npz", ".json"):
+        path = os.path.join(PARTIAL, name + ext)
+        if os.path.exists(path):
+            os.remove(path)
+    log(f"{name}: final; figures recorded, partial state removed")
+
+
 def copy_point(point: Dict, log) -> None:
     """A point taken from an existing file, recalibrated with :data:`RULE` on the validation
     split (python -m xnorcdl.tradeoff --write)."""
@@ -149,6 +193,9 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     rounds = 0
+    for p in grid:
+        if not args.dry_run and needs_finalizing(p["name"]):
+            finalize(p["name"], log)
     while True:
         todo = [p for p in grid if not os.path.exists(final_path(p["name"]))]
         if not todo or (args.rounds and rounds >= args.rounds):
@@ -162,8 +209,10 @@ def main(argv=None) -> int:
                 continue
             if "copy" in p:
                 copy_point(p, log)
-                continue
-            subprocess.run(command(p, args.threads), check=True, cwd=ROOT)
+            else:
+                subprocess.run(command(p, args.threads), check=True, cwd=ROOT)
+            if needs_finalizing(p["name"]):
+                finalize(p["name"], log)
         rounds += 1
         if args.dry_run:
             break
