@@ -16,11 +16,13 @@ for the start (:func:`start_args`, measured before the runs: val accuracy after 
 * 2/4-bit points fit their quantizers' ranges at the start (``--fit-ranges 1``): float weights
   sit so close to zero that eq. (3) would give them the two codes next to zero, and the residual
   branches would start about Z-fold too weak;
-* points with M >= 20 edge convs take the stem and edge convs 1..20 from the trained 20E
-  hybrid ``weights/r32_20E.npz`` (``--init-edge``; itself fine-tuned from ``r32_fp.npz``), whose
-  edge already learned the edge block's structure (BN before the quantizer, no ReLU). For
-  M < 20 those convs were trained to feed more binary convs, not a float cloud, and the float
-  file starts better.
+* points with M >= 20 edge convs, and 1-bit points with M >= 16 (Table II's separate point
+  too, so that it starts as its joint twin), take the stem and their first edge convs (up to
+  20) from the trained 20E hybrid ``weights/r32_20E.npz`` (``--init-edge``; itself fine-tuned
+  from ``r32_fp.npz``), whose edge already learned the edge block's structure (BN before the
+  quantizer, no ReLU). At 2/4 bits and M < 20 the float file starts better (the binary edge's
+  convs were trained for sign activations and to feed more binary convs); the 1-bit 10E point
+  kept the float start it was already far along with.
 
 ``r32_20E_1b`` is the shipped ``weights/r32_20E.npz`` recalibrated with the grid's threshold
 rule, and ``r32_20E_1b_2exits`` starts from that file (its second exit is new). The epoch budget
@@ -72,7 +74,8 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
 
 def start_args(m: int, bits: int) -> List[str]:
     """``--init`` and the two start rules of the module docstring for M edge convs of p bits."""
-    return (["--init", FP] + (["--init-edge", SHIPPED] if m >= 20 else [])
+    edge = m >= 20 or (bits == 1 and m >= 16)
+    return (["--init", FP] + (["--init-edge", SHIPPED] if edge else [])
             + (["--fit-ranges", "1"] if bits > 1 else []))
 
 
@@ -91,7 +94,7 @@ def points() -> List[Dict]:
                                                "--epochs", str(EPOCHS[bits])]})
     out.append({"name": "r32_16E_1b_separate",
                 "args": ["--edge-convs", "16", "--edge-bits", "1", "--exits", "16",
-                         "--exit-weights", "0.6", "--strategy", "separate", "--init", FP,
+                         "--exit-weights", "0.6", "--strategy", "separate", *start_args(16, 1),
                          "--epochs", str(EPOCHS[1]), "--exit-epochs", "2"]})
     out.append({"name": "r32_20E_1b_2exits",
                 "args": ["--edge-convs", "20", "--edge-bits", "1", "--exits", "10,20",
