@@ -9,7 +9,8 @@ block in one jitted call through the function found here.
 The function is the one NumPy's ``matmul`` calls: the OpenBLAS NumPy ships in ``numpy.libs``
 (``scipy_cblas_sgemm64_``, 64-bit integers, in NumPy >= 2 wheels; ``cblas_sgemm64_`` or plain
 ``cblas_sgemm`` in older or other builds), so thread limits set through threadpoolctl apply to
-it and its results equal ``np.matmul``'s on the same operands. Where no such library is found
+it and its results equal ``np.matmul``'s on the same operands (NumPy calls gemv instead when a
+product has one row or one column). Where no such library is found
 (NumPy built against a system BLAS, MKL, Accelerate), :func:`sgemm` returns None and the
 callers keep their ``np.matmul`` path.
 """

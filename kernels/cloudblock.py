@@ -24,7 +24,8 @@ sample, and each output element is still one dot product over the same K. Around
 
 With NumPy's own OpenBLAS at hand (:mod:`~xnorcdl.kernels.blas`), a chunk runs as one jitted
 call (:func:`block_chunk`) that calls sgemm itself: one GIL release per block instead of seven
-calls from Python. Otherwise the GEMMs go through ``np.matmul``, the same sgemm call.
+calls from Python. Otherwise the GEMMs go through ``np.matmul``: the same sgemm call, so the
+same bits, except for products with one output row or column, where NumPy calls gemv.
 
 The values are those of the per-layer folded path: the same products, summed by the same sgemm
 over the same K, so within the bound of ``FloatGemmConv`` of the reference.
@@ -196,7 +197,8 @@ def conv2_input(t1, row, ho, wo, tp, cols2):
 @numba.njit(cache=True, nogil=True)
 def gemm_into(sgemm, w, cols, t):
     """``t[o, n, q] = sum_k w[o, k] cols[k, n, q]`` by the ctypes ``sgemm`` of
-    :mod:`~xnorcdl.kernels.blas` (row-major, no transposes): the call ``np.matmul`` makes."""
+    :mod:`~xnorcdl.kernels.blas` (row-major, no transposes): the call ``np.matmul`` makes
+    (except for a one-row or one-column product, which NumPy hands to gemv)."""
     o_n, k = w.shape
     nq = cols.shape[1] * cols.shape[2]
     sgemm(101, 111, 111, o_n, nq, k, np.float32(1.0), w.ctypes.data, k, cols.ctypes.data, nq,

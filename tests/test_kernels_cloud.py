@@ -93,7 +93,8 @@ def test_numpy_openblas_sgemm_is_found():
        kind=st.sampled_from(["identity", "zero_pad", "conv1x1"]))
 def test_jitted_sgemm_block_equals_the_numpy_path(seed, c, h, w, n, kind):
     """One jitted call per chunk (sgemm called from jitted code) gives the very bits of the
-    same block run with np.matmul between the jitted passes."""
+    same block run with np.matmul between the jitted passes, wherever np.matmul itself calls
+    sgemm (both sides of every product wider than one)."""
     from xnorcdl.kernels import blas
     if blas.sgemm() is None:
         pytest.skip("no NumPy OpenBLAS found: only the np.matmul path exists")
@@ -107,4 +108,10 @@ def test_jitted_sgemm_block_equals_the_numpy_path(seed, c, h, w, n, kind):
     jitted = kernel.build(c1, c2, kind, c // 2 if kind == "zero_pad" else 0, sc)
     plain = kernel.build(c1, c2, kind, c // 2 if kind == "zero_pad" else 0, sc)
     plain._sgemm = None
-    np.testing.assert_array_equal(jitted(x), plain(x))
+    got, want = jitted(x), plain(x)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    if o > 1 and n * ho * wo > 1:
+        np.testing.assert_array_equal(got, want)
+    else:       # np.matmul takes gemv for a one-row or one-column product: another sum order
+        ref_out, t, s = reference(x, c1, c2, kind, c // 2 if kind == "zero_pad" else 0, sc)
+        assert (np.abs(got.astype(np.float64) - ref_out) <= bound(x, c1, c2, t, s, kind, sc)).all()
