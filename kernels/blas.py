@@ -50,10 +50,10 @@ def _load():
             fn = getattr(lib, name, None)
             if fn is None:
                 continue
-            ptr = ctypes.c_void_p, ctypes.c_float
-            proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, itype, itype,
-                                     itype, ptr[1], ptr[0], itype, ptr[0], itype, ptr[1], ptr[0],
-                                     itype)
+            enum, scalar, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+            proto = ctypes.CFUNCTYPE(None, enum, enum, enum, itype, itype, itype,   # m n k
+                                     scalar, ptr, itype, ptr, itype,                # alpha a b
+                                     scalar, ptr, itype)                            # beta c
             return proto(ctypes.cast(fn, ctypes.c_void_p).value)
     return None
 

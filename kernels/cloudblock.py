@@ -201,8 +201,8 @@ def gemm_into(sgemm, w, cols, t):
     (except for a one-row or one-column product, which NumPy hands to gemv)."""
     o_n, k = w.shape
     nq = cols.shape[1] * cols.shape[2]
-    sgemm(101, 111, 111, o_n, nq, k, np.float32(1.0), w.ctypes.data, k, cols.ctypes.data, nq,
-          np.float32(0.0), t.ctypes.data, nq)
+    sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, o_n, nq, k, np.float32(1.0),
+          w.ctypes.data, k, cols.ctypes.data, nq, np.float32(0.0), t.ctypes.data, nq)
     return t
 
 

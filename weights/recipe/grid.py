@@ -139,9 +139,8 @@ def needs_finalizing(name: str) -> bool:
             recorded = json.load(f)["files"].get(name + ".npz", {}).get("sha256")
     except (OSError, ValueError, KeyError):
         recorded = None
-    import hashlib
-    with open(final, "rb") as f:
-        return recorded != hashlib.sha256(f.read()).hexdigest()
+    from xnorcdl.files import sha256_of
+    return recorded != sha256_of(final)
 
 
 def finalize(name: str, log, run=subprocess.run) -> None:
