@@ -29,6 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (pins BLAS/OpenMP threads before numpy is imported)
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from xnorcdl import quant  # noqa: E402
@@ -41,8 +42,11 @@ POPCNT_PER_CYCLE = 4
 def popcount_limit(info):
     """(64-bit words per cycle, what bounds it) for this CPU's popcount instructions."""
     if "avx512_vpopcntdq" in info.get("simd", ()):
-        return 4, ("AVX-512 VPOPCNTDQ: vpopcntq on 256-bit vectors (LLVM's preferred width), "
-                   "one per cycle on one port")
+        if "-prefer-256-bit" in (numba.config.CPU_FEATURES or ""):   # xnorcdl.kernels.jit
+            return 8, ("AVX-512 VPOPCNTDQ: vpopcntq on 512-bit vectors, one per cycle on one "
+                       "port")
+        return 4, ("AVX-512 VPOPCNTDQ: vpopcntq on 256-bit vectors (LLVM's preferred width, "
+                   "XNORCDL_VECTOR_BITS=256), one per cycle on one port")
     return POPCNT_PER_CYCLE, ("scalar POPCNT r64 on four integer ALUs (AMD Zen 3; an AVX2 "
                               "vpshufb nibble-table popcount needs about 7 vector uops per "
                               "4 words)")

@@ -1,8 +1,13 @@
 """Numba facts the kernels rely on: popcount is a machine instruction, every kernel is cached."""
 import importlib
+import os
 import pkgutil
+import re
+import subprocess
+import sys
 
 import numba
+import numpy as np
 import pytest
 from numba.core.dispatcher import Dispatcher
 
@@ -33,3 +38,59 @@ def test_every_kernel_is_cached_and_nogil():
         assert disp._cache.__class__.__name__ != "NullCache", f"{name}: compiled without cache=True"
         assert disp.targetoptions.get("nogil"), f"{name}: compiled without nogil=True"
         assert not disp.targetoptions.get("fastmath"), f"{name}: fastmath breaks exactness"
+
+
+def _popcount_asm() -> str:
+    from xnorcdl.kernels.popcount import popcount_sum
+    fresh = numba.njit(nogil=True)(popcount_sum.py_func)
+    u = np.zeros(4, np.uint64)
+    fresh(u, u)
+    return "\n".join(fresh.inspect_asm().values()).lower()
+
+
+def _host_has(feature: str) -> bool:
+    import llvmlite.binding as ll
+    return bool(ll.get_host_cpu_features().get(feature))
+
+
+def test_popcount_loop_takes_512_bit_vectors_on_avx512():
+    """xnorcdl.kernels.jit lifts LLVM's prefer-256-bit on AVX-512 hosts: the popcount loop's
+    vpopcntq works on zmm registers (8 words per instruction)."""
+    if not _host_has("avx512vpopcntdq"):
+        pytest.skip("no AVX-512 VPOPCNTDQ on this host")
+    if os.environ.get("XNORCDL_VECTOR_BITS") == "256" or os.environ.get("NUMBA_CPU_NAME") \
+            or os.environ.get("NUMBA_CPU_FEATURES"):
+        pytest.skip("vector width chosen by the environment")
+    assert "-prefer-256-bit" in numba.config.CPU_FEATURES
+    assert re.search(r"vpopcntq\s+%zmm", _popcount_asm())
+
+
+def test_vector_bits_256_keeps_llvm_choice():
+    """``XNORCDL_VECTOR_BITS=256`` leaves Numba's target as it was: no zmm popcount."""
+    if not _host_has("avx512vpopcntdq"):
+        pytest.skip("no AVX-512 VPOPCNTDQ on this host")
+    probe = ("import re, sys; sys.path.insert(0, 'tests'); import test_kernels_jit as t; "
+             "print(bool(re.search(r'vpopcntq\\s+%zmm', t._popcount_asm())))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XNORCDL_VECTOR_BITS", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    for bits, zmm in (("256", "False"), ("512", "True")):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
+                             env={**env, "XNORCDL_VECTOR_BITS": bits}, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == zmm, (bits, out.stdout)
+
+
+def test_wide_vector_features_respects_the_environment(monkeypatch):
+    from xnorcdl.kernels.jit import wide_vector_features
+    for var in ("XNORCDL_VECTOR_BITS", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES"):
+        monkeypatch.delenv(var, raising=False)
+    wide = wide_vector_features()
+    assert (wide is not None) == _host_has("avx512f")
+    if wide is not None:
+        assert wide.endswith(",-prefer-256-bit") and "+avx512f" in wide
+    monkeypatch.setenv("XNORCDL_VECTOR_BITS", "256")
+    assert wide_vector_features() is None
+    monkeypatch.setenv("XNORCDL_VECTOR_BITS", "512")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")
+    assert wide_vector_features() is None
