@@ -1,34 +1,37 @@
 """A float32 cloud block in a few passes: ``relu(BN2(conv2(relu(BN1(conv1(x))))) + shortcut(x))``.
 
 Shapes: x ``[N, C, H, W]``, conv1 C -> O (3x3, stride s, pad 1), conv2 O -> O (3x3, pad 1),
-out ``[N, O, Ho, Wo]``; K = 9C + 1 (conv1) or 9O + 1 (conv2).
+out ``[N, O, Ho, Wo]``.
 
-As :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv` with BN folded, each conv is a GEMM with
-``W'[o] = [W[o] scale[o], shift[o]]`` (the shift as a bias column against a row of ones), here
-one sgemm over the columns of up to :data:`CHUNK` samples at once, ``t [O, N*Q] = W' cols [K,
-N*Q]`` (cols laid out ``[K, N, Q]``): a wider GEMM runs closer to the sgemm's best than one per
-sample, and each output element is still one dot product over the same K. Around the GEMMs:
+BN's scale is folded into the weights, ``W'[o] = W[o] scale[o]``, and its shift is added in the
+pass after each GEMM (``(W' x + shift[o])``, then ReLU or the residual). Around the GEMMs:
 
-* **Padded flat images.** A stride-1 conv's input is kept as ``xp [C, L]``, the zero-padded
-  ``(H+2) x (W+2)`` image flattened (L = (H+2)(W+2) + 2, the border written once, at
-  allocation, and never again), so its 3x3 windows need no bounds tests: row
-  ``9c + 3ky + kx`` of cols holds ``xp[c, (oy + ky)(W+2) + ox + kx]`` at column
-  ``oy W + ox``, one contiguous copy of W values per (c, ky, kx, oy) (:func:`window_rows`).
-  (One copy of H (W+2) values per (c, ky, kx) would be cheaper to build but computes the 2
-  padding columns of every row too: at 8 x 8, 25 % more GEMM work; the block ran 16 % slower
-  that way.)
-* conv1's epilogue (:func:`relu_into_padded`) applies its ReLU while it writes conv2's padded
-  input; conv2's epilogue (:func:`residual_relu`) adds the shortcut (identity, zero-pad
-  ``x[:, o - pad, ::2, ::2]``, or a 1x1-conv GEMM's output) and applies the block's ReLU.
-* A stride-2 conv1 takes the ordinary im2col (:func:`im2col_pad1`, padding written inline).
+* **Stride 1: nine shifted GEMMs, no im2col.** The input is kept as ``xp [C, L]``, the
+  zero-padded ``(H+2) x (W+2)`` image flattened (L = (H+2)(W+2) + 2; the border is written once,
+  at allocation, and never again). Output pixel (oy, ox) at column ``q = oy (W+2) + ox`` of a
+  ``[O, H (W+2)]`` plane then reads tap (ky, kx) at ``xp[c, q + ky (W+2) + kx]``: for each of
+  the nine taps the whole input is one strided matrix ``xp[:, off : off + H (W+2)]`` (leading
+  dimension L), so the conv is ``t = sum_tap W'_tap [O, C] xp_tap [C, H (W+2)]``, nine sgemm
+  calls with beta = 1 after the first, per sample, reading the activations in place. The two
+  columns per row past W are computed and never read (25 % more GEMM columns at 8 x 8); the
+  im2col that this replaces copied 9C x H W values per conv in short rows, which cost a third
+  of a block at 8 x 8 (window_rows: 20 us of 146 at batch 1 on a Xeon, two per block).
+* conv1's epilogue (:func:`relu_into_padded`) adds the shift and applies its ReLU while it
+  writes conv2's padded input; conv2's epilogue (:func:`residual_relu`) adds the shift and the
+  shortcut (identity, zero-pad ``x[:, o - pad, ::2, ::2]``, or a 1x1-conv GEMM's output) and
+  applies the block's ReLU.
+* A stride-2 conv1 takes the ordinary im2col (:func:`im2col_pad1`, padding written inline) and
+  one sgemm over the columns of up to :data:`CHUNK` samples (``t [O, N*Q] = W' cols [9C, N*Q]``).
+  The 1x1-conv shortcut keeps its shift as a bias column against a row of ones.
 
 With NumPy's own OpenBLAS at hand (:mod:`~xnorcdl.kernels.blas`), a chunk runs as one jitted
-call (:func:`block_chunk`) that calls sgemm itself: one GIL release per block instead of seven
-calls from Python. Otherwise the GEMMs go through ``np.matmul``: the same sgemm call, so the
-same bits, except for products with one output row or column, where NumPy calls gemv.
+call (:func:`block_chunk`) that calls sgemm itself: one GIL release per block instead of a dozen
+calls from Python. Otherwise the GEMMs go through ``np.matmul`` (the tap sums as ``t += W'_tap
+xp_tap``, which is what sgemm's beta = 1 computes): the same sgemm calls, so the same bits,
+except for products with one output row or column, where NumPy calls gemv.
 
-The values are those of the per-layer folded path: the same products, summed by the same sgemm
-over the same K, so within the bound of ``FloatGemmConv`` of the reference.
+Each output is a dot product over the same 9C terms as the reference's, summed in another order,
+so within the bound of ``FloatGemmConv`` (gamma_{9C+2}, any order).
 """
 from __future__ import annotations
 
@@ -85,30 +88,9 @@ def pad_flat(x, xp):
 
 
 @numba.njit(cache=True, nogil=True)
-def window_rows(xp, h, w, cols):
-    """``cols[9c + 3ky + kx, n, oy*w + ox] = xp[n, c, (oy + ky)(w + 2) + ox + kx]``: the 3x3
-    windows of the padded flat images as GEMM columns without the padding columns (one short
-    contiguous copy per channel, tap and output row); rows past 9C are left untouched."""
-    n_s, c_in, _ = xp.shape
-    wp = w + 2
-    for n in range(n_s):
-        for c in range(c_in):
-            src = xp[n, c]
-            for t in range(9):
-                dst = cols[9 * c + t, n]
-                off = (t // 3) * wp + t % 3
-                for oy in range(h):
-                    s0 = np.uint64(off + oy * wp)
-                    d0 = np.uint64(oy * w)
-                    for ox in range(w):
-                        dst[d0 + np.uint64(ox)] = src[s0 + np.uint64(ox)]
-    return cols
-
-
-@numba.njit(cache=True, nogil=True)
-def relu_into_padded(t, row, ho, wo, xp):
-    """``xp[n, o, (oy+1)(wo+2) + ox+1] = max(t[o, n, oy*row + ox], 0)``: conv1's ReLU, written
-    as conv2's padded input (t ``[O, N, >= ho*row]``)."""
+def relu_into_padded(t, row, ho, wo, shift, xp):
+    """``xp[n, o, (oy+1)(wo+2) + ox+1] = max(t[o, n, oy*row + ox] + shift[o], 0)``: conv1's BN
+    shift and ReLU, written as conv2's padded input (t ``[O, N, >= ho*row]``)."""
     o_n, n_s, _ = t.shape
     wp = wo + 2
     zero = np.float32(0.0)
@@ -116,19 +98,21 @@ def relu_into_padded(t, row, ho, wo, xp):
         for o in range(o_n):
             src = t[o, n]
             dst = xp[n, o]
+            b = shift[o]
             for oy in range(ho):
                 d0 = np.uint64((oy + 1) * wp + 1)
                 s0 = np.uint64(oy * row)
                 for ox in range(wo):
-                    dst[d0 + np.uint64(ox)] = max(src[s0 + np.uint64(ox)], zero)
+                    dst[d0 + np.uint64(ox)] = max(src[s0 + np.uint64(ox)] + b, zero)
     return xp
 
 
 @numba.njit(cache=True, nogil=True)
-def residual_relu(t, row, x, kind, pad_channels, given, out):
-    """``out[n, o, oy, ox] = max(t[o, n, oy*row + ox] + shortcut(x)[n, o, oy, ox], 0)``; kind 0:
-    identity, 1: zero-pad (output channel o is input channel o - pad at even rows and columns;
-    the other channels add +0.0), 2: given (the shortcut conv's output, ``[O, N, Ho*Wo]``)."""
+def residual_relu(t, row, shift, x, kind, pad_channels, given, out):
+    """``out[n, o, oy, ox] = max((t[o, n, oy*row + ox] + shift[o]) + shortcut(x)[n, o, oy, ox],
+    0)``; kind 0: identity, 1: zero-pad (output channel o is input channel o - pad at even rows
+    and columns; the other channels add +0.0), 2: given (the shortcut conv's output,
+    ``[O, N, Ho*Wo]``)."""
     n_s, o_n, ho, wo = out.shape
     c_in = x.shape[1]
     zero = np.float32(0.0)
@@ -136,25 +120,26 @@ def residual_relu(t, row, x, kind, pad_channels, given, out):
         for o in range(o_n):
             src = t[o, n]
             dst = out[n, o]
+            b = shift[o]
             if kind == 0:
                 sc = x[n, o]
                 for oy in range(ho):
                     for ox in range(wo):
-                        dst[oy, ox] = max(src[oy * row + ox] + sc[oy, ox], zero)
+                        dst[oy, ox] = max((src[oy * row + ox] + b) + sc[oy, ox], zero)
             elif kind == 2:
                 g = given[o, n]
                 for oy in range(ho):
                     for ox in range(wo):
-                        dst[oy, ox] = max(src[oy * row + ox] + g[oy * wo + ox], zero)
+                        dst[oy, ox] = max((src[oy * row + ox] + b) + g[oy * wo + ox], zero)
             elif pad_channels <= o < pad_channels + c_in:
                 sc = x[n, o - pad_channels]
                 for oy in range(ho):
                     for ox in range(wo):
-                        dst[oy, ox] = max(src[oy * row + ox] + sc[2 * oy, 2 * ox], zero)
+                        dst[oy, ox] = max((src[oy * row + ox] + b) + sc[2 * oy, 2 * ox], zero)
             else:
                 for oy in range(ho):
                     for ox in range(wo):
-                        dst[oy, ox] = max(src[oy * row + ox] + zero, zero)
+                        dst[oy, ox] = max((src[oy * row + ox] + b) + zero, zero)
     return out
 
 
@@ -174,27 +159,6 @@ def subsample2(x, cols):
 
 
 @numba.njit(cache=True, nogil=True)
-def conv1_input(x, stride, xp, cols1, cols_sc):
-    """conv1's cols from the block input x: stride 1 through the padded flat images xp
-    (:func:`pad_flat`, :func:`window_rows`), stride 2 by :func:`im2col_pad1`; and the stride-2
-    samples of a 1x1-conv shortcut into cols_sc when it has rows (``[C+1, N, P]``)."""
-    if stride == 1:
-        window_rows(pad_flat(x, xp), x.shape[2], x.shape[3], cols1)
-    else:
-        im2col_pad1(x, stride, cols1)
-    if cols_sc.shape[0] > 1:
-        subsample2(x, cols_sc)
-    return cols1
-
-
-@numba.njit(cache=True, nogil=True)
-def conv2_input(t1, row, ho, wo, tp, cols2):
-    """conv2's cols from conv1's GEMM output: ReLU into the padded flat images tp
-    (:func:`relu_into_padded`), then :func:`window_rows`."""
-    return window_rows(relu_into_padded(t1, row, ho, wo, tp), ho, wo, cols2)
-
-
-@numba.njit(cache=True, nogil=True)
 def gemm_into(sgemm, w, cols, t):
     """``t[o, n, q] = sum_k w[o, k] cols[k, n, q]`` by the ctypes ``sgemm`` of
     :mod:`~xnorcdl.kernels.blas` (row-major, no transposes): the call ``np.matmul`` makes
@@ -207,36 +171,69 @@ def gemm_into(sgemm, w, cols, t):
 
 
 @numba.njit(cache=True, nogil=True)
-def block_chunk(sgemm, x, stride, kind, pad_channels, w1, w2, wsc, xp, cols1, cols_sc, t1, tp,
-                cols2, t2, sc, row1, ho, wo, out):
-    """:meth:`CloudBlock._chunk` in one jitted call: both GEMMs (and the 1x1-conv shortcut's,
-    when ``wsc`` has rows) through ``sgemm``, the passes between them as there."""
-    conv1_input(x, stride, xp, cols1, cols_sc)
-    gemm_into(sgemm, w1, cols1, t1)
-    conv2_input(t1, row1, ho, wo, tp, cols2)
-    gemm_into(sgemm, w2, cols2, t2)
-    if wsc.shape[0] > 0:
-        gemm_into(sgemm, wsc, cols_sc, sc)
-        residual_relu(t2, wo, x, kind, pad_channels, sc, out)
+def tap_offsets(w):
+    """Where tap t = 3 ky + kx of output column 0 lies in a padded flat image of width w + 2."""
+    offs = np.empty(9, np.int64)
+    for t in range(9):
+        offs[t] = (t // 3) * (w + 2) + t % 3
+    return offs
+
+
+@numba.njit(cache=True, nogil=True)
+def taps_gemm_into(sgemm, w9, xp, h, w, t):
+    """``t[o, n, oy (w+2) + ox] = sum_tap sum_c w9[tap, o, c] xp[n, c, off_tap + oy (w+2) +
+    ox]`` (a stride-1 3x3 conv, before its shift): per sample, nine sgemm calls on the padded
+    flat images read in place (leading dimension L), beta = 0 for the first tap, 1 after."""
+    n_s, c_in, l_n = xp.shape
+    o_n = w9.shape[1]
+    q = h * (w + 2)
+    ld = n_s * t.shape[2]
+    offs = tap_offsets(w)
+    for n in range(n_s):
+        for tap in range(9):
+            sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, o_n, q, c_in, np.float32(1.0),
+                  w9[tap].ctypes.data, c_in, xp[n].ctypes.data + 4 * int(offs[tap]), l_n,
+                  np.float32(1.0 if tap else 0.0), t[0, n].ctypes.data, ld)
+    return t
+
+
+@numba.njit(cache=True, nogil=True)
+def block_chunk(sgemm, x, stride, kind, pad_channels, w1, w1_taps, b1, w2_taps, b2, wsc, xp,
+                cols1, cols_sc, t1, tp, t2, sc, row1, ho, wo, out):
+    """:meth:`CloudBlock._chunk` in one jitted call: every GEMM (conv1's nine or one, conv2's
+    nine, the 1x1-conv shortcut's when ``wsc`` has rows) through ``sgemm``, the passes between
+    them as there."""
+    h, w = x.shape[2], x.shape[3]
+    if stride == 1:
+        taps_gemm_into(sgemm, w1_taps, pad_flat(x, xp), h, w, t1)
     else:
-        residual_relu(t2, wo, x, kind, pad_channels, t2, out)
+        gemm_into(sgemm, w1, im2col_pad1(x, stride, cols1), t1)
+    taps_gemm_into(sgemm, w2_taps, relu_into_padded(t1, row1, ho, wo, b1, tp), ho, wo, t2)
+    if wsc.shape[0] > 0:
+        gemm_into(sgemm, wsc, subsample2(x, cols_sc), sc)
+    residual_relu(t2, wo + 2, b2, x, kind, pad_channels, sc, out)
     return out
 
 
+def _scaled(weight, scale):
+    """``W[o] scale[o]`` in float32, ``[O, C, kh, kw]``."""
+    w = np.asarray(weight, np.float32)
+    return w * np.asarray(scale, np.float32)[:, None, None, None]
+
+
+def _taps(weight, scale):
+    """The folded 3x3 weights as ``[9, O, C]``, tap t = 3 ky + kx."""
+    w = _scaled(weight, scale)
+    o_n, c_in = w.shape[:2]
+    return np.ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(9, o_n, c_in))
+
+
 def _folded(weight, scale, shift):
+    """``[W[o] scale[o], shift[o]]`` as ``[O, K + 1]`` (the shift as a bias column)."""
     o_n = weight.shape[0]
-    w2 = np.asarray(weight, np.float32).reshape(o_n, -1)
     return np.ascontiguousarray(np.concatenate(
-        [w2 * np.asarray(scale, np.float32)[:, None], np.asarray(shift, np.float32)[:, None]],
+        [_scaled(weight, scale).reshape(o_n, -1), np.asarray(shift, np.float32)[:, None]],
         axis=1))
-
-
-def _with_ones(shape, k):
-    """An uninitialised float32 cols buffer ``[K, N, Q]`` whose row k is ones (against the bias
-    column)."""
-    cols = np.empty(shape, np.float32)
-    cols[k] = 1.0
-    return cols
 
 
 class CloudBlock:
@@ -247,9 +244,14 @@ class CloudBlock:
     for concurrent use."""
 
     def __init__(self, w1, s1, t1, w2, s2, t2, stride, kind, pad_channels=0, shortcut=None):
-        self.w1, self.w2 = _folded(w1, s1, t1), _folded(w2, s2, t2)
         self.in_channels, self.out_channels = int(w1.shape[1]), int(w1.shape[0])
         self.stride = int(stride)
+        # stride 1: nine tap matrices; stride 2: one [O, 9C] matrix for the im2col
+        self.w1_taps = _taps(w1, s1) if self.stride == 1 else np.zeros((9, 0, 0), np.float32)
+        self.w1 = (np.zeros((0, 0), np.float32) if self.stride == 1 else
+                   np.ascontiguousarray(_scaled(w1, s1).reshape(self.out_channels, -1)))
+        self.w2_taps = _taps(w2, s2)
+        self.b1, self.b2 = (np.ascontiguousarray(t, dtype=np.float32) for t in (t1, t2))
         self.kind = {"identity": 0, "zero_pad": 1, "conv1x1": 2}[kind]
         self.pad_channels = int(pad_channels)
         if (self.kind == 2) != (shortcut is not None):
@@ -265,21 +267,23 @@ class CloudBlock:
             n, c, h, w = shape
             o, s = self.out_channels, self.stride
             ho, wo = out_size(h, 3, s, 1), out_size(w, 3, s, 1)
-            q2 = ho * wo                             # conv2's GEMM width
-            b = {"ho": ho, "wo": wo, "q2": q2}
-            b["xp"] = np.zeros((n, c, 1), np.float32)          # unused for stride 2
-            b["cols_sc"] = np.zeros((1, 1, 1), np.float32)      # no 1x1-conv shortcut
-            b["row1"] = wo
-            if s == 1:
+            b = {"ho": ho, "wo": wo}
+            if s == 1:      # conv1 by nine shifted GEMMs: padded input, output rows of w + 2
                 b["xp"] = np.zeros((n, c, (h + 2) * (w + 2) + 2), np.float32)
-            b["cols1"] = _with_ones((9 * c + 1, n, ho * wo), 9 * c)
-            b["t1"] = np.empty((o, n, b["cols1"].shape[2]), np.float32)
+                b["cols1"] = np.zeros((1, 1, 1), np.float32)
+                b["row1"] = wo + 2
+            else:           # conv1 by im2col: output rows of wo
+                b["xp"] = np.zeros((n, c, 1), np.float32)
+                b["cols1"] = np.empty((9 * c, n, ho * wo), np.float32)
+                b["row1"] = wo
+            b["t1"] = np.empty((o, n, ho * b["row1"]), np.float32)
             b["tp"] = np.zeros((n, o, (ho + 2) * (wo + 2) + 2), np.float32)
-            b["cols2"] = _with_ones((9 * o + 1, n, q2), 9 * o)
-            b["t2"] = np.empty((o, n, q2), np.float32)
+            b["t2"] = np.empty((o, n, ho * (wo + 2)), np.float32)
+            b["cols_sc"] = np.zeros((1, 1, 1), np.float32)      # no 1x1-conv shortcut
             b["sc"] = np.zeros((1, 1, 1), np.float32)
             if self.wsc is not None:
-                b["cols_sc"] = _with_ones((c + 1, n, ho * wo), c)
+                b["cols_sc"] = np.empty((c + 1, n, ho * wo), np.float32)
+                b["cols_sc"][c] = 1.0                           # against the bias column
                 b["sc"] = np.empty((o, n, ho * wo), np.float32)
             buf = self._buffers[shape] = b
         return buf
@@ -297,22 +301,26 @@ class CloudBlock:
         return out
 
     def _chunk(self, x, out):
-        """The block on at most CHUNK samples: each GEMM multiplies by all their columns."""
+        """The block on at most CHUNK samples (the stride-2 im2col GEMM multiplies by all their
+        columns at once; the stride-1 convs are nine GEMMs per sample)."""
         b = self._scratch(x.shape)
-        ho, wo, o = b["ho"], b["wo"], self.out_channels
+        ho, wo = b["ho"], b["wo"]
+        wsc = self._no_wsc if self.wsc is None else self.wsc
         if self._sgemm is not None:
             return block_chunk(self._sgemm, x, self.stride, self.kind, self.pad_channels,
-                               self.w1, self.w2, self._no_wsc if self.wsc is None else self.wsc,
-                               b["xp"], b["cols1"], b["cols_sc"], b["t1"], b["tp"], b["cols2"],
-                               b["t2"], b["sc"], b["row1"], ho, wo, out)
-        conv1_input(x, self.stride, b["xp"], b["cols1"], b["cols_sc"])
-        _gemm(self.w1, b["cols1"], b["t1"])
-        conv2_input(b["t1"], b["row1"], ho, wo, b["tp"], b["cols2"])
-        _gemm(self.w2, b["cols2"], b["t2"])
-        given = b["t2"]
+                               self.w1, self.w1_taps, self.b1, self.w2_taps, self.b2, wsc,
+                               b["xp"], b["cols1"], b["cols_sc"], b["t1"], b["tp"], b["t2"],
+                               b["sc"], b["row1"], ho, wo, out)
+        h, w = x.shape[2:]
+        if self.stride == 1:
+            _taps_matmul(self.w1_taps, pad_flat(x, b["xp"]), h, w, b["t1"])
+        else:
+            _gemm(self.w1, im2col_pad1(x, self.stride, b["cols1"]), b["t1"])
+        _taps_matmul(self.w2_taps, relu_into_padded(b["t1"], b["row1"], ho, wo, self.b1,
+                                                    b["tp"]), ho, wo, b["t2"])
         if self.wsc is not None:
-            given = _gemm(self.wsc, b["cols_sc"], b["sc"])
-        residual_relu(b["t2"], wo, x, self.kind, self.pad_channels, given, out)
+            _gemm(self.wsc, subsample2(x, b["cols_sc"]), b["sc"])
+        residual_relu(b["t2"], wo + 2, self.b2, x, self.kind, self.pad_channels, b["sc"], out)
         return out
 
 
@@ -320,4 +328,17 @@ def _gemm(w, cols, t):
     """``t[o, n, q] = sum_k w[o, k] cols[k, n, q]``: one sgemm over the columns of all n."""
     k, n, q = cols.shape
     np.matmul(w, cols.reshape(k, n * q), out=t.reshape(t.shape[0], n * q))
+    return t
+
+
+def _taps_matmul(w9, xp, h, w, t):
+    """:func:`taps_gemm_into` through ``np.matmul``: ``t = W'_0 xp_0``, then ``t += W'_tap
+    xp_tap`` (sgemm's beta = 1 adds each product to t with one rounding, as here)."""
+    q = h * (w + 2)
+    offs = tap_offsets(w)
+    for n in range(xp.shape[0]):
+        dst = t[:, n, :q]
+        np.matmul(w9[0], xp[n, :, offs[0]:offs[0] + q], out=dst)
+        for tap in range(1, 9):
+            dst += np.matmul(w9[tap], xp[n, :, offs[tap]:offs[tap] + q])
     return t
