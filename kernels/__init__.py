@@ -6,3 +6,7 @@ benchmarked on its own.
 names every kernel the fast backend (:mod:`xnorcdl.backends.fast`) runs; ``quantize`` holds the
 quantizers' codes, the one definition :mod:`xnorcdl.quant` re-exports.
 """
+
+#: whether :mod:`~xnorcdl.kernels.jit` lets Numba load its ``numba_extensions`` entry points
+#: (Numba's default); ``python -m xnorcdl`` sets it to False before anything imports Numba
+NUMBA_EXTENSIONS = True

@@ -37,6 +37,8 @@ if "numba.np.arraymath" not in sys.modules and _PROBE not in sys.modules:
 
 import numba  # noqa: E402
 
+_kernels = sys.modules[__package__]   # the package, for its flags
+
 def wide_vector_features():
     """The CPU features string that lifts ``prefer-256-bit``, or None where it does not apply:
     no AVX-512F on the host, ``XNORCDL_VECTOR_BITS=256``, or the user chose Numba's target."""
@@ -53,5 +55,9 @@ def wide_vector_features():
 
 if numba.config.CPU_FEATURES is None and not numba.config.DISABLE_JIT:
     numba.config.CPU_FEATURES = wide_vector_features()
+
+if not _kernels.NUMBA_EXTENSIONS:     # set by python -m xnorcdl (xnorcdl.cli)
+    from numba.core import entrypoints as _entrypoints
+    _entrypoints._already_initialized = True
 
 __all__ = ["numba", "wide_vector_features"]

@@ -160,3 +160,19 @@ def test_console_script_points_at_the_command_line():
     assert scripts == ["xnorcdl = xnorcdl.cli:main"]
     module, func = scripts[0].split(" = ")[1].split(":")
     assert getattr(importlib.import_module(module), func) is cli.main
+
+
+def test_commands_skip_numba_extension_scan_and_the_library_does_not():
+    """python -m xnorcdl marks Numba's extension entry points as loaded before Numba is
+    imported (a scan of every installed distribution); ``import xnorcdl`` leaves Numba alone."""
+    probe = ("import sys; from xnorcdl import cli; {before}; import xnorcdl.kernels.jit; "
+             "from numba.core import entrypoints; print(entrypoints._already_initialized)")
+    for before, want in (("cli.skip_numba_extensions()", "True"), ("pass", "False")):
+        r = python("-c", probe.format(before=before))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == want, (before, r.stdout)
+    # main() does it for every command, without importing Numba itself (see the help test)
+    r = python("-c", "import sys; from xnorcdl import cli; cli.main(['summary', '--help']); "
+               "import xnorcdl.kernels as k; print(k.NUMBA_EXTENSIONS)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
