@@ -78,3 +78,50 @@ def test_a_failed_evaluation_keeps_the_partial_state(folders):
     with pytest.raises(grid.subprocess.CalledProcessError):
         grid.finalize("r32_16E_4b", lambda m: None, run=run)
     assert os.listdir(g / "partial") == ["r32_16E_4b.json"]
+
+
+def _trained(path, val_no_exit, seed):
+    from conftest import make_spec
+    from xnorcdl.format import random_weights, save_weights
+    spec = make_spec(edge_convs=2, exits=[(2, 0.5)],
+                     provenance={"validation": {"val_no_exit_acc": val_no_exit}})
+    save_weights(str(path), spec, random_weights(spec, seed=seed))
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("first, second, kept", [(90.3, 90.9, "second"), (90.3, 90.3, "second"),
+                                                 (90.3, 89.7, "first")])
+def test_a_second_run_replaces_the_file_only_when_validation_does_not_fall(folders, first, second,
+                                                                           kept):
+    g = folders
+    (g / "second").mkdir()
+    sha1 = _trained(g / "r32_10E_4b.npz", first, seed=1)
+    sha2 = _trained(g / "second" / "r32_10E_4b.npz", second, seed=2)
+    assert not grid.settled("r32_10E_4b")
+    changed = grid.settle_second("r32_10E_4b", lambda m: None)
+    assert changed == (kept == "second")
+    with open(g / "r32_10E_4b.npz", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == (sha2 if kept == "second" else sha1)
+    assert os.listdir(g / "second") == []
+    with open(g / "budgets.json") as f:
+        entry = json.load(f)["second"]["r32_10E_4b"]
+    assert entry == {"epochs": grid.SECOND["r32_10E_4b"], "lr": float(grid.SECOND_LR),
+                     "first_sha256": sha1, "second_sha256": sha2, "val_no_exit_first": first,
+                     "val_no_exit_second": second, "kept": kept}
+    assert grid.settled("r32_10E_4b") and not grid.settled("r32_16E_4b")
+
+
+def test_second_runs_start_from_the_final_file_at_the_second_rate(folders):
+    runs = {p["name"]: p for p in grid.second_points()}
+    assert set(runs) == set(grid.SECOND)
+    cmd = grid.command(runs["r32_10E_2b"], threads=1)
+    assert cmd[cmd.index("--init") + 1] == grid.final_path("r32_10E_2b")
+    assert cmd.count("--lr") == 1 and cmd[cmd.index("--lr") + 1] == grid.SECOND_LR
+    assert cmd[cmd.index("--epochs") + 1] == str(grid.SECOND["r32_10E_2b"])
+    assert cmd[cmd.index("--out") + 1] == grid.second_out("r32_10E_2b")
+    assert cmd[cmd.index("--partial") + 1] == os.path.join(grid.PARTIAL, "second")
+    assert "--fit-ranges" not in cmd and "--init-edge" not in cmd
+    first = grid.command(next(p for p in grid.points() if p["name"] == "r32_10E_2b"))
+    model = ["--edge-convs", "--edge-bits", "--exits", "--exit-weights"]
+    assert [cmd[cmd.index(k) + 1] for k in model] == [first[first.index(k) + 1] for k in model]

@@ -37,6 +37,15 @@ point becomes final its figures go into ``weights/grid/figures.json`` and its ``
 entries are removed (:func:`finalize`)::
 
     python weights/recipe/grid.py [--only NAME[,NAME...]] [--rounds N] [--dry-run]
+
+**The second budget** (``--budget 2``, :data:`SECOND`, fixed after every point had its first
+file and before any second run): the points named there train further from their final file
+(``--init weights/grid/NAME.npz``, the same recipe at half the peak rate, a cosine of its own),
+one epoch per invocation as above with its state in ``partial/second/``. When such a run ends
+its file replaces the point's only if its validation accuracy without exits (the 5000
+held-out training images, never the test set) is at least the first file's
+(:func:`settle_second`); the decision and both figures go into ``weights/grid/budgets.json``
+and the point is finalized again. The lineage of a replaced file records both runs.
 """
 from __future__ import annotations
 
@@ -72,6 +81,15 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
           "--log-every", "50", "--threshold-rule", RULE, "--compile", "1"]
 
 
+#: the second budget, epochs per point (fixed before its runs): the points nearest their floors
+#: first (4-bit 10E/16E at 89.9/89.5 %, still rising in their last epoch), then the 2-bit 10E
+#: point and the 1-bit 24E point
+SECOND = {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4, "r32_24E_1b": 3}
+
+#: peak learning rate of a second run (half of COMMON's: it starts from a trained file)
+SECOND_LR = "0.01"
+
+
 def start_args(m: int, bits: int) -> List[str]:
     """``--init`` and the two start rules of the module docstring for M edge convs of p bits."""
     edge = m >= 20 or (bits == 1 and m >= 16)
@@ -103,14 +121,89 @@ def points() -> List[Dict]:
     return out
 
 
+def second_points() -> List[Dict]:
+    """The second budget's runs: the first run's model options, started from the final file."""
+    first = {p["name"]: p for p in points()}
+    out = []
+    for name, epochs in SECOND.items():
+        args = first[name]["args"]
+        model = args[:args.index("--exits") + 4]  # --edge-convs M --edge-bits b --exits M --exit-weights w
+        out.append({"name": name, "second": True,
+                    "args": [*model, "--init", final_path(name), "--epochs", str(epochs)]})
+    return out
+
+
 def final_path(name: str) -> str:
     return os.path.join(GRID, name + ".npz")
 
 
+def second_out(name: str) -> str:
+    """Where a second run writes its file before :func:`settle_second` decides on it."""
+    return os.path.join(GRID, "second", name + ".npz")
+
+
+def budgets_path() -> str:
+    return os.path.join(GRID, "budgets.json")
+
+
+def settled(name: str) -> bool:
+    """Whether the second run of a point has been decided on (``budgets.json``)."""
+    try:
+        with open(budgets_path()) as f:
+            return name in json.load(f)["second"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def command(point: Dict, threads: int = 2) -> List[str]:
-    return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + COMMON
+    out, partial, common = final_path(point["name"]), PARTIAL, COMMON
+    if point.get("second"):
+        out, partial = second_out(point["name"]), os.path.join(PARTIAL, "second")
+        common = [SECOND_LR if k and COMMON[k - 1] == "--lr" else a for k, a in enumerate(COMMON)]
+    return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + common
             + ["--threads", str(threads)] + point["args"]
-            + ["--out", final_path(point["name"]), "--partial", PARTIAL, "--stop-after", "1"])
+            + ["--out", out, "--partial", partial, "--stop-after", "1"])
+
+
+def val_no_exit(path: str) -> float:
+    """The validation accuracy without exits a trained file records (its provenance)."""
+    from xnorcdl.format import load_weights
+    spec, _ = load_weights(path)
+    return float(spec.provenance["validation"]["val_no_exit_acc"])
+
+
+def settle_second(name: str, log) -> bool:
+    """Decide on a finished second run: its file replaces the point's when its validation
+    accuracy without exits is at least the first file's, else it is dropped. Records the
+    decision in ``budgets.json`` (written whole, then renamed) and returns whether the point's
+    file changed."""
+    from xnorcdl.files import sha256_of
+    new, old = second_out(name), final_path(name)
+    before, after = val_no_exit(old), val_no_exit(new)
+    kept = "second" if after >= before else "first"
+    entry = {"epochs": SECOND[name], "lr": float(SECOND_LR), "first_sha256": sha256_of(old),
+             "second_sha256": sha256_of(new), "val_no_exit_first": before,
+             "val_no_exit_second": after, "kept": kept}
+    try:
+        with open(budgets_path()) as f:
+            book = json.load(f)
+    except OSError:
+        book = {"rule": "the second run's file replaces the first when its validation accuracy "
+                        "without exits (5000 held-out training images) is at least the first's",
+                "second": {}}
+    book["second"][name] = entry
+    tmp = budgets_path() + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(book, f, indent=1, sort_keys=True)
+        f.write("\n")
+    if kept == "second":
+        os.replace(new, old)
+    else:
+        os.remove(new)
+    os.replace(tmp, budgets_path())
+    log(f"{name}: second run {after:.2f} % vs first {before:.2f} % on validation without exits: "
+        f"kept the {kept} file")
+    return kept == "second"
 
 
 def progress(name: str) -> Optional[dict]:
@@ -181,8 +274,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch CPU threads per run (1 leaves a core for other work)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--budget", type=int, default=1, choices=(1, 2),
+                    help="1: the first runs; 2: the second budget (SECOND), from final files")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
+    if args.budget == 2:
+        return run_second(args)
     grid = points()
     if args.only:
         wanted = set(args.only.split(","))
@@ -220,6 +317,46 @@ def main(argv=None) -> int:
             break
     left = [p["name"] for p in grid if not os.path.exists(final_path(p["name"]))]
     log("grid complete" if not left else f"unfinished: {', '.join(left)}")
+    return 0
+
+
+def run_second(args) -> int:
+    """``--budget 2``: one epoch of each unsettled second run in turn until all are settled."""
+    runs = second_points()
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {p["name"] for p in runs}
+        if unknown:
+            raise SystemExit(f"error: --only: not in the second budget: {sorted(unknown)}")
+        runs = [p for p in runs if p["name"] in wanted]
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    missing = [p["name"] for p in runs if not os.path.exists(final_path(p["name"]))]
+    if missing:
+        raise SystemExit(f"error: --budget 2 needs the first file of {missing}")
+    rounds = 0
+    while True:
+        todo = [p for p in runs if not settled(p["name"])]
+        if not todo or (args.rounds and rounds >= args.rounds):
+            break
+        for p in todo:
+            log(f"second budget, round {rounds + 1}: {p['name']}")
+            if args.dry_run:
+                print(" ".join(command(p, args.threads)))
+                continue
+            if not os.path.exists(second_out(p["name"])):
+                subprocess.run(command(p, args.threads), check=True, cwd=ROOT)
+            if os.path.exists(second_out(p["name"])):
+                settle_second(p["name"], log)
+                if needs_finalizing(p["name"]):
+                    finalize(p["name"], log)
+        rounds += 1
+        if args.dry_run:
+            break
+    left = [p["name"] for p in runs if not settled(p["name"])]
+    log("second budget complete" if not left else f"unsettled: {', '.join(left)}")
     return 0
 
 
