@@ -1,6 +1,6 @@
 """weights/lineage.py: the lineage of a weights file from its stored provenance.
 
-* weights/README.md holds, between marker comments, exactly what the script prints with
+* weights/LINEAGE.md holds, between marker comments, exactly what the script prints with
   ``--markdown`` for each shipped file (so the document cannot drift from the files);
 * on a synthetic chain written with the project's writer (a run from scratch, a run from its
   file, a threshold recalibration), the steps come first run first, numbered 1..3, each with
@@ -44,11 +44,11 @@ def _sha(path: str) -> str:
 
 
 def _readme_block(name: str) -> str:
-    with open(os.path.join(WEIGHTS, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(WEIGHTS, "LINEAGE.md"), encoding="utf-8") as f:
         text = f.read()
     m = re.search(rf"<!-- lineage weights/{re.escape(name)} begin -->\n(.*?)"
                   rf"<!-- lineage weights/{re.escape(name)} end -->", text, re.S)
-    assert m, f"weights/README.md has no lineage block for weights/{name}"
+    assert m, f"weights/LINEAGE.md has no lineage block for weights/{name}"
     return m.group(1)
 
 
@@ -57,7 +57,7 @@ def test_readme_lineage_is_the_scripts_output(name):
     path = os.path.join(WEIGHTS, name)
     want = L.render(path, markdown=True, label=f"weights/{name}")
     assert _readme_block(name) == want, (
-        f"weights/README.md's lineage of {name} differs from "
+        f"weights/LINEAGE.md's lineage of {name} differs from "
         f"`python weights/lineage.py weights/{name} --markdown`; paste the script's output")
 
 

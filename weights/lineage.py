@@ -16,7 +16,7 @@ in order, first run first, one numbered step per run or edit:
 
 Each step ends with the sha256 prefix of the file it gave (the next step's source, or the file
 itself for the last step). The teacher of a distillation is a side branch; its own lineage is
-that of its file. ``weights/README.md`` holds this script's ``--markdown`` output for every
+that of its file. ``weights/LINEAGE.md`` holds this script's ``--markdown`` output for every
 shipped file between marker comments, and ``tests/test_lineage.py`` checks that they agree.
 
 The file is read with the engine's validating loader (``xnorcdl.format.load_weights``,
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the numbered lineage of a weights file from its stored provenance.")
     p.add_argument("weights", help="a weights file (.npz)")
     p.add_argument("--markdown", action="store_true",
-                   help="Markdown, as pasted in weights/README.md (default: plain text)")
+                   help="Markdown, as pasted in weights/LINEAGE.md (default: plain text)")
     return p
 
 
