@@ -1,5 +1,5 @@
-"""The quantizers of the paper, section II.A, as integer codes: the one definition that
-:mod:`xnorcdl.quant` re-exports and every kernel follows (docs/FORMAT.md, "Quantizers").
+"""The quantizers of the paper, section II.A, for the jitted kernels: the scalar forms of the
+codes of :mod:`xnorcdl.kernels.codes` (the array definition, without Numba), compiled.
 
 With Z = 2^p - 1 levels and the symmetric constants v1 = 2 v0, v2 = 1/2, eq. (1)/(3) map a
 value I to
@@ -19,39 +19,13 @@ from __future__ import annotations
 from .jit import numba
 import numpy as np
 
+from .codes import codes, kbit_codes, levels, sign_codes
+from .codes import kbit_step as _kbit_step
 
-def levels(bits: int) -> int:
-    """Z = 2^p - 1, the number of quantization steps."""
-    if bits not in (1, 2, 4):
-        raise ValueError(f"bits: expected 1, 2 or 4, got {bits!r}")
-    return (1 << bits) - 1
+#: the float32 constant Z / v1 = Z / (2 v0) of :func:`xnorcdl.kernels.codes.kbit_step`, jitted
+kbit_step = numba.njit(cache=True, nogil=True, inline="always")(_kbit_step)
 
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def kbit_step(bits, v0):
-    """The float32 constant Z / v1 = Z / (2 v0), rounded once from float64."""
-    return np.float32(((1 << bits) - 1) / (2.0 * v0))
-
-
-def sign_codes(y: np.ndarray) -> np.ndarray:
-    """sign with sign(0) = +1, as int8 in {-1, +1}. NaN maps to -1 (never produced by valid weights)."""
-    return np.where(np.asarray(y) >= 0, np.int8(1), np.int8(-1))
-
-
-def kbit_codes(y: np.ndarray, bits: int, v0: float = 1.0) -> np.ndarray:
-    """Odd integer codes u = 2q - Z of eq. (1)/(3) for p = 2 or 4 (int8)."""
-    z = levels(bits)
-    y = np.asarray(y, dtype=np.float32)
-    v0 = np.float32(v0)
-    step = kbit_step(bits, float(v0))
-    yc = np.clip(y, -v0, v0)
-    q = np.floor((yc + v0) * step + np.float32(0.5))
-    return (2 * q.astype(np.int16) - z).astype(np.int8)
-
-
-def codes(y: np.ndarray, bits: int, v0: float = 1.0) -> np.ndarray:
-    """Integer codes of activations or weights at ``bits`` precision."""
-    return sign_codes(y) if bits == 1 else kbit_codes(y, bits, v0)
+__all__ = ["batchnorm", "codes", "kbit_codes", "kbit_level", "kbit_step", "levels", "sign_codes"]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quantize import codes
+from .codes import codes
 from .shapes import out_size
 
 

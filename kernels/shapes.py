@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .codes import levels
 
 FLOAT32_EXACT = 1 << 24     # every integer below this is a float32
 
@@ -27,7 +28,6 @@ def check_quant_conv(w_codes, out_scale, bn_scale, bn_shift, bits: int,
     o_n, c_in = w_codes.shape[:2]
     if stride is not None and stride not in (1, 2):
         raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
-    from .quantize import levels  # jitted module: imported when a conv is prepared
     z = levels(bits)
     if z * z * 9 * c_in >= FLOAT32_EXACT:
         raise ValueError(f"{c_in} input channels at {bits} bits: integer sums could reach "

@@ -84,3 +84,30 @@ def test_label_beyond_model_classes(tmp_path, weights_file, capsys):
     imgs = write_cifar10(tmp_path / "i.bin", random_images(3), np.array([1, 7, 2]))
     code, _, err = run(["--weights", w, "--images", imgs, "--backend", "reference"], capsys)
     assert code == 2 and "record 1 has label 7" in err
+
+
+def test_auto_backend_takes_the_reference_for_small_jobs_with_the_same_decisions(tmp_path,
+                                                                              weights_file, capsys):
+    from xnorcdl import cli
+    spec = make_spec(edge_convs=4, exits=[(4, 0.5)])
+    w = weights_file(spec)
+    n = cli.AUTO_REFERENCE_MAX + 1
+    imgs = write_cifar10(tmp_path / "imgs.bin", random_images(n, seed=3), np.arange(n) % 10)
+    docs = {}
+    for limit, backend in ((n - 1, "auto"), (n, "auto"), (n, "fast"), (n, "reference")):
+        js = tmp_path / f"{limit}-{backend}.json"
+        code, _, err = run(["--weights", w, "--images", imgs, "--limit", str(limit),
+                            "--backend", backend, "--threshold", "2.0", "--json", str(js),
+                            "--no-progress"], capsys)
+        assert code == 0, err
+        docs[limit, backend] = json.loads(js.read_text())
+    assert docs[n - 1, "auto"]["summary"]["backend"] == "reference"
+    assert docs[n, "auto"]["summary"]["backend"] == "fast"
+    assert cli.pick_backend("auto", 1, workers=2) == "fast"
+    assert cli.pick_backend("fast", 1) == "fast"
+    decisions = {k: [(s["exit"], s["prediction"]) for s in d["samples"]] for k, d in docs.items()}
+    assert decisions[n - 1, "auto"] == decisions[n, "fast"][:n - 1]
+    assert decisions[n, "fast"] == decisions[n, "reference"] == decisions[n, "auto"]
+    assert len({e for e, _ in decisions[n, "fast"]}) == 2  # both exit and head taken
+    entropies = {k: [s["entropies"] for s in d["samples"]] for k, d in docs.items()}
+    assert entropies[n, "fast"] == entropies[n, "reference"]  # the edge is bit-identical

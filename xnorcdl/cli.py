@@ -383,13 +383,27 @@ def add_images(ap: argparse.ArgumentParser, default: Optional[str] = None,
     return g
 
 
+#: ``--backend auto`` runs jobs of at most this many samples on the reference backend: it starts
+#: without the JIT (Numba's import and first dispatch cost 0.8-1.5 s of a process's start-up,
+#: the NumPy reference about 25 ms per sample), and both backends take the same decisions
+AUTO_REFERENCE_MAX = 16
+
+
 def add_backend(ap: argparse.ArgumentParser, batch_size: Optional[int] = 100,
-                batch_help: str = "samples per batch (decisions stay per sample)") -> None:
-    """``--backend``, ``--batch-size`` and ``--threads``."""
+                batch_help: str = "samples per batch (decisions stay per sample)",
+                auto: bool = False) -> None:
+    """``--backend``, ``--batch-size`` and ``--threads``; with ``auto`` the backend may be left
+    to the job's size (:func:`pick_backend`), and that is the default."""
     from .api import BACKENDS
     g = ap.add_argument_group("execution")
-    g.add_argument("--backend", default="fast", choices=list(BACKENDS),
-                   help="fast: Numba bit-packed kernels; reference: the NumPy oracle")
+    if auto:
+        g.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                       help="fast: Numba bit-packed kernels; reference: the NumPy oracle; auto: "
+                            f"reference for at most {AUTO_REFERENCE_MAX} samples on one worker "
+                            "(no JIT start-up), fast otherwise")
+    else:
+        g.add_argument("--backend", default="fast", choices=list(BACKENDS),
+                       help="fast: Numba bit-packed kernels; reference: the NumPy oracle")
     g.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=batch_size,
                    help=batch_help)
     g.add_argument("--threads", type=integer(1, MAX_THREADS), default=1,
@@ -545,6 +559,16 @@ def labelled_set(which: str, rng: Optional[str], option: str, range_option: str,
         return (f"{path}[{offset}:]" if offset else path), images, labels
     sl = parse_range(rng, len(images), range_option)
     return f"{path}[{offset + sl.start}:{offset + sl.stop}]", images[sl], labels[sl]
+
+
+def pick_backend(backend: str, samples: int, workers: int = 1) -> str:
+    """The backend ``--backend auto`` stands for: ``reference`` for a job of at most
+    :data:`AUTO_REFERENCE_MAX` samples on one worker, ``fast`` otherwise; a named backend is
+    itself. The backends agree on every exit decision and prediction (the edge is bit-identical,
+    the cloud logits within float32 rounding), so the choice changes only the time."""
+    if backend != "auto":
+        return backend
+    return "reference" if samples <= AUTO_REFERENCE_MAX and workers == 1 else "fast"
 
 
 def executor(model, backend: str):

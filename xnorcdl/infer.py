@@ -68,7 +68,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threshold", default=None, type=cli.thresholds_type,
                     help="entropy threshold(s) in nats, comma-separated, one per exit (or one for "
                          "all); strict H < T (default: the thresholds stored in the file)")
-    cli.add_backend(ap, batch_size=None,
+    cli.add_backend(ap, batch_size=None, auto=True,
                     batch_help="samples per batch (decisions stay per sample) (default: 1 with "
                                "--backend fast, 100 with reference)")
     ap.add_argument("--workers", type=cli.integer(1, 64), default=1,
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     table = load_energy_table(args.energy)
     path = resolve_images(args.images, args.fetch)
     images, labels = load_images(path, args.format, args.limit, model.spec.num_classes)
+    args.backend = cli.pick_backend(args.backend, len(images), args.workers)
     net.executor(args.backend)  # built (kernels prepared) before the clock starts
     if args.workers > 1:
         net.executors(args.backend, min(args.workers, max(1, len(images))))

@@ -12,13 +12,14 @@ So a quantized convolution is ``alpha[o] * (v0/Z)^2 * sum(u_a u_w)``: an exact i
 and one float32 scale per output channel (:func:`output_scale`). All float arithmetic here is
 float32, in the order written, so every backend that follows it gets the same codes. The codes
 themselves (:func:`levels`, :func:`sign_codes`, :func:`kbit_codes`, :func:`codes`) are defined
-once, in :mod:`xnorcdl.kernels.quantize`, beside the scalar forms the kernels compile.
+once, in :mod:`xnorcdl.kernels.codes` (plain NumPy; :mod:`xnorcdl.kernels.quantize` compiles
+the scalar forms the kernels use).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .kernels.quantize import codes, kbit_codes, levels, sign_codes
+from .kernels.codes import codes, kbit_codes, levels, sign_codes
 
 __all__ = ["alpha", "codes", "dequantize", "kbit_codes", "levels", "output_scale", "sign_codes"]
 
