@@ -112,6 +112,10 @@ def test_a_second_run_replaces_the_file_only_when_validation_does_not_fall(folde
     assert grid.settled("r32_10E_4b") and not grid.settled("r32_16E_4b")
 
 
+def first_cmd_of(name):
+    return grid.command(next(p for p in grid.points() if p["name"] == name))
+
+
 def test_second_runs_start_from_the_final_file_at_the_second_rate(folders):
     runs = {p["name"]: p for p in grid.second_points()}
     assert set(runs) == set(grid.SECOND)
@@ -122,6 +126,8 @@ def test_second_runs_start_from_the_final_file_at_the_second_rate(folders):
     assert cmd[cmd.index("--out") + 1] == grid.second_out("r32_10E_2b")
     assert cmd[cmd.index("--partial") + 1] == os.path.join(grid.PARTIAL, "second")
     assert "--fit-ranges" not in cmd and "--init-edge" not in cmd
-    first = grid.command(next(p for p in grid.points() if p["name"] == "r32_10E_2b"))
+    assert os.path.basename(cmd[cmd.index("--ckpt-dir") + 1]) == "r32_10E_2b_second"
+    assert "--ckpt-dir" not in first_cmd_of("r32_10E_2b")
+    first = first_cmd_of("r32_10E_2b")
     model = ["--edge-convs", "--edge-bits", "--exits", "--exit-weights"]
     assert [cmd[cmd.index(k) + 1] for k in model] == [first[first.index(k) + 1] for k in model]

@@ -156,13 +156,16 @@ def settled(name: str) -> bool:
 
 
 def command(point: Dict, threads: int = 2) -> List[str]:
-    out, partial, common = final_path(point["name"]), PARTIAL, COMMON
+    out, partial, common, extra = final_path(point["name"]), PARTIAL, COMMON, []
     if point.get("second"):
         out, partial = second_out(point["name"]), os.path.join(PARTIAL, "second")
         common = [SECOND_LR if k and COMMON[k - 1] == "--lr" else a for k, a in enumerate(COMMON)]
+        # checkpoints apart from the first run's (same out name; another configuration)
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        extra = ["--ckpt-dir", os.path.join(cache, "xnorcdl", "runs", point["name"] + "_second")]
     return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + common
             + ["--threads", str(threads)] + point["args"]
-            + ["--out", out, "--partial", partial, "--stop-after", "1"])
+            + ["--out", out, "--partial", partial, "--stop-after", "1", *extra])
 
 
 def val_no_exit(path: str) -> float:
