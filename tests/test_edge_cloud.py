@@ -123,6 +123,14 @@ def test_edge_command_errors_are_one_line(model, tmp_path, capsys):
     assert err.startswith("error: --cloud") and "Traceback" not in err
 
 
+def waiting(url: str) -> int:
+    """The cloud's ``xnorcdl_requests_waiting`` gauge (GET /metrics)."""
+    import httpx
+    text = httpx.get(url + "/metrics", trust_env=False, timeout=10).text
+    line = next(ln for ln in text.splitlines() if ln.startswith("xnorcdl_requests_waiting "))
+    return int(line.split()[1])
+
+
 def test_sigterm_drains_requests_in_flight(model):
     """Requests waiting in the batcher when SIGTERM arrives are answered; then the process
     exits with 143 (or 0) and refuses new connections."""
@@ -135,7 +143,9 @@ def test_sigterm_drains_requests_in_flight(model):
     from xnorcdl.split import load_cloud
     _, e_path, c_path = model
     part = load_cloud(c_path)
-    cloud = CloudProcess(c_path, free_port(), "--max-wait-ms", "800", "--max-batch", "64").start()
+    # the batch waits up to the longest --max-wait-ms for more requests, so that SIGTERM
+    # arrives while all four are waiting for it
+    cloud = CloudProcess(c_path, free_port(), "--max-wait-ms", "1000", "--max-batch", "64").start()
     x = np.zeros((2,) + part.feature_shape, np.float32)
     body = wire.encode(wire.FEATURES, part.model_id, [0, 1], x)
 
@@ -145,7 +155,12 @@ def test_sigterm_drains_requests_in_flight(model):
     try:
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(post) for _ in range(4)]
-            time.sleep(0.3)                       # all four wait for their batch
+            deadline = time.monotonic() + 60
+            # all four accepted and waiting for their batch (unless a machine this slow ran
+            # the batch first: then there is nothing left to drain, and the rest still holds)
+            while waiting(cloud.url) < 4 and not all(f.done() for f in futs):
+                assert time.monotonic() < deadline, "the four requests never reached the batcher"
+                time.sleep(0.02)
             cloud.proc.send_signal(signal.SIGTERM)
             codes = [f.result() for f in futs]
         assert codes == [200] * 4

@@ -59,6 +59,7 @@ class Metrics:
         self.lat_hist = [0] * (len(LATENCY_BUCKETS) + 1)
         self.lat_sum = 0.0
         self.queue_depth = 0
+        self.waiting = 0                # requests handed to the batcher, logits not yet back
         self.replayed = 0
 
     @staticmethod
@@ -95,7 +96,11 @@ class Metrics:
                     "Idempotency-Key.", "# TYPE xnorcdl_idempotent_replays_total counter",
                     f"xnorcdl_idempotent_replays_total {self.replayed}",
                     "# HELP xnorcdl_queue_depth Requests waiting for a batch.",
-                    "# TYPE xnorcdl_queue_depth gauge", f"xnorcdl_queue_depth {self.queue_depth}"]
+                    "# TYPE xnorcdl_queue_depth gauge", f"xnorcdl_queue_depth {self.queue_depth}",
+                    "# HELP xnorcdl_requests_waiting Requests accepted and waiting for their "
+                    "logits (queued or in a running batch).",
+                    "# TYPE xnorcdl_requests_waiting gauge",
+                    f"xnorcdl_requests_waiting {self.waiting}"]
             out += self._hist("xnorcdl_batch_size", "Samples per cloud batch.", BATCH_BUCKETS,
                               self.batch_hist, self.batch_sum, self.batches)
             out += self._hist("xnorcdl_request_latency_seconds",
@@ -159,7 +164,11 @@ class Batcher:
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((features, fut))
         self.metrics.queue_depth = self.queue.qsize()
-        return await fut
+        self.metrics.waiting += 1
+        try:
+            return await fut
+        finally:
+            self.metrics.waiting -= 1
 
     async def _next(self, timeout: Optional[float]):
         """The next queued request (the one held back from the last batch first), None for
