@@ -38,6 +38,23 @@ def _save(fig, path: str) -> None:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
 
 
+def _label_front(points: List[dict], rule: str, table: str, ax) -> None:
+    """Label the Pareto points ("16E+14C 4b"), left to right, above each point, or below it
+    where the label before would overlap (within about a label's width and height)."""
+    ax.autoscale_view()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    last = None
+    for p in sorted(points, key=lambda q: _xy(q, rule, table, True)):
+        x, y = _xy(p, rule, table, True)
+        above = True
+        if last is not None and abs(x - last[0]) < 0.14 * (x1 - x0) \
+                and abs(y - last[1]) < 0.05 * (y1 - y0):
+            above = not last[2]
+        ax.annotate(f"{p['config']} {p['edge_bits']}b", (x, y), textcoords="offset points",
+                    xytext=(5, 5) if above else (5, -13), fontsize=8, weight="bold")
+        last = (x, y, above)
+
+
 def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
     """Write ``stem.png`` and ``stem.svg``; returns their paths."""
     import matplotlib
@@ -61,11 +78,7 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
         ax.plot([x], [y], "D", color=COLORS.get(p["edge_bits"], "k"), mfc="none", ms=8)
         ax.annotate(f"{p['config']} {p['edge_bits']}b, {kind}", (x, y), textcoords="offset points",
                     xytext=(6, -12), fontsize=7, color="dimgray")
-    for p in doc["points"]:
-        if p["file"] in front:
-            x, y = _xy(p, rule, table, True)
-            ax.annotate(p["config"], (x, y), textcoords="offset points", xytext=(5, 5),
-                        fontsize=8, weight="bold")
+    _label_front([p for p in doc["points"] if p["file"] in front], rule, table, ax)
     for p in doc["points"]:
         if not p["final"]:       # a provisional file: ringed, with how far its training got
             x, y = _xy(p, rule, table, True)
