@@ -19,6 +19,18 @@ def make_sched(opt, kind: str, lr: float, total: int, warmup_frac: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def fast_forward(sched, steps: int) -> None:
+    """Advance ``sched`` by ``steps`` steps without optimizer steps (a run resumed from a partial
+    state): the same rates as that many ``sched.step()`` calls in training, without PyTorch's
+    warning that the scheduler stepped before the optimizer (here on purpose)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                                  r"before `optimizer\.step\(\)`")
+        for _ in range(steps):
+            sched.step()
+
+
 def lr_at(kind: str, lr: float, p: float, warmup_frac: float) -> float:
     """Learning rate at progress p in [0, 1] (fraction of the budget spent), the shapes of
     :func:`make_sched`: ``onecycle`` rises from lr/10 to lr over ``warmup_frac`` along a half

@@ -100,6 +100,7 @@ import train_export  # noqa: E402
 import train_phases  # noqa: E402
 import weight_average  # noqa: E402
 from epoch_select import operating_point  # noqa: E402
+from lr_schedule import fast_forward  # noqa: E402
 from qat_resnet import CHANNELS_LAST, named_tensors  # noqa: E402
 from run_records import Logger, atomic_save  # noqa: E402
 from train_options import CHECKPOINT_DEFAULTS, RESUME_KEYS, build_parser, fail, resolve  # noqa: E402,F401
@@ -191,12 +192,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if "sched" in resume:
                 sched.load_state_dict(resume["sched"])
             else:
-                for _ in range(state["epoch"] * steps):
-                    sched.step()
+                fast_forward(sched, state["epoch"] * steps)
             gen.set_state(resume["gen"])
         elif resume is not None and resume.get("partial") and state["phase"] == p:
-            for _ in range(state["epoch"] * steps):
-                sched.step()
+            fast_forward(sched, state["epoch"] * steps)
         # Graphs need every output in the loss (an unused output would feed the captured
         # backward a stale gradient): joint training, or phase 1 of separate without exits.
         used = [w > 0 for w in weights]
