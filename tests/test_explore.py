@@ -179,3 +179,16 @@ def test_empty_folder_is_refused(tmp_path, capsys):
     assert explore.main(["--weights-dir", str(tmp_path / "empty"), "--out",
                          str(tmp_path / "o")]) == 2
     assert "holds no .npz file" in capsys.readouterr().err
+
+
+def test_workers_give_the_same_document(result):
+    grid, out, doc = result
+    argv = ["--weights-dir", str(grid / "grid"), "--images", str(grid / "eval.bin"),
+            "--calib", str(grid / "calib.bin"), "--rules", "stored,within:1",
+            "--baseline", str(grid / "fp.npz"), "--out", str(grid / "out2"), "--no-progress",
+            "--backend", "reference", "--batch-size", "32", "--workers", "3"]
+    assert explore.main(argv) == 0
+    with open(grid / "out2" / "design_space.json") as f:
+        doc2 = json.load(f)
+    assert doc2.pop("seconds") >= 0 and doc.get("seconds") is not None
+    assert doc2 == {k: v for k, v in doc.items() if k != "seconds"}
