@@ -78,7 +78,6 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
         ax.plot([x], [y], "D", color=COLORS.get(p["edge_bits"], "k"), mfc="none", ms=8)
         ax.annotate(f"{p['config']} {p['edge_bits']}b, {kind}", (x, y), textcoords="offset points",
                     xytext=(6, -12), fontsize=7, color="dimgray")
-    _label_front([p for p in doc["points"] if p["file"] in front], rule, table, ax)
     for p in doc["points"]:
         if not p["final"]:       # a provisional file: ringed, with how far its training got
             x, y = _xy(p, rule, table, True)
@@ -92,6 +91,7 @@ def draw(doc: dict, stem: str, table: str = "default") -> List[str]:
         b = doc["baseline"]["no_exit"]
         ax.plot([b["energy"][table]["total_pJ"] / 1e6], [100 * b["accuracy"]], "*", ms=14,
                 color="k", label="full precision (32-bit), no exit")
+    _label_front([p for p in doc["points"] if p["file"] in front], rule, table, ax)
     unfinished = [p for p in doc["points"] if not p["final"]]
     depths = sorted({p["depth"] for p in doc["points"]})
     title = (f"CIFAR-10, ResNet-{'/'.join(map(str, depths))}: accuracy vs energy per sample")
