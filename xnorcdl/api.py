@@ -198,14 +198,10 @@ class Network:
         import concurrent.futures
         import itertools
         import threading
+        from .progress import Locked
         executors = self.executors(backend, workers)
         lock = threading.Lock()
-
-        class _Shared:                      # one progress bar, updated from every worker
-            def update(self, n):
-                with lock:
-                    progress.update(n)
-        shared = None if progress is None else _Shared()
+        shared = None if progress is None else Locked(progress)  # one bar, every worker
         # about 32 chunks per worker: the last chunk to finish costs 1/32 of a share at most
         step = max(1, n_batches // (32 * workers)) * batch
         starts = list(range(0, len(images), step))

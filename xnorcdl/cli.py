@@ -396,14 +396,11 @@ def add_backend(ap: argparse.ArgumentParser, batch_size: Optional[int] = 100,
     to the job's size (:func:`pick_backend`), and that is the default."""
     from .api import BACKENDS
     g = ap.add_argument_group("execution")
-    if auto:
-        g.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                       help="fast: Numba bit-packed kernels; reference: the NumPy oracle; auto: "
-                            f"reference for at most {AUTO_REFERENCE_MAX} samples on one worker "
-                            "(no JIT start-up), fast otherwise")
-    else:
-        g.add_argument("--backend", default="fast", choices=list(BACKENDS),
-                       help="fast: Numba bit-packed kernels; reference: the NumPy oracle")
+    g.add_argument("--backend", default="auto" if auto else "fast",
+                   choices=(["auto"] if auto else []) + list(BACKENDS),
+                   help="fast: Numba bit-packed kernels; reference: the NumPy oracle"
+                        + (f"; auto: reference for at most {AUTO_REFERENCE_MAX} samples on one "
+                           "worker (no JIT start-up), fast otherwise" if auto else ""))
     g.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=batch_size,
                    help=batch_help)
     g.add_argument("--threads", type=integer(1, MAX_THREADS), default=1,

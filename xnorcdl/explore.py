@@ -145,16 +145,12 @@ def measure(args) -> dict:
                     points.append(point(path, model, bar))
         else:   # one file per thread at a time, one progress bar over all of them
             import concurrent.futures
-            import threading
-            lock = threading.Lock()
+            from .progress import Locked
             with cli.progress(args, per_file * len(models),
                               f"{len(models)} files, {workers} workers") as bar:
-                class _Shared:
-                    def update(self, n):
-                        with lock:
-                            bar.update(n)
+                shared = Locked(bar)
                 with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                    points = list(pool.map(lambda pm: point(pm[0], pm[1], _Shared()), models))
+                    points = list(pool.map(lambda pm: point(*pm, shared), models))
         baseline = None
         if base is not None:
             with cli.progress(args, len(ev_x), "baseline " + os.path.basename(args.baseline)) \

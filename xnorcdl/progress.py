@@ -5,6 +5,19 @@ import sys
 import time
 
 
+class Locked:
+    """``Locked(progress)``: the same ``update(n)``, serialised by a lock, so that several worker
+    threads can advance one progress object (any object with ``update``)."""
+
+    def __init__(self, progress):
+        import threading
+        self.progress, self.lock = progress, threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self.lock:
+            self.progress.update(n)
+
+
 class Progress:
     """``with Progress(total, "infer") as p: p.update(n)`` draws ``infer  42% 4200/10000 ...``."""
 

@@ -138,8 +138,9 @@ def final_path(name: str) -> str:
 
 
 def second_out(name: str) -> str:
-    """Where a second run writes its file before :func:`settle_second` decides on it."""
-    return os.path.join(GRID, "second", name + ".npz")
+    """Where a second run writes its file before :func:`settle_second` decides on it (a name of
+    its own, so that its checkpoints are not the first run's)."""
+    return os.path.join(GRID, "second", name + "_second.npz")
 
 
 def budgets_path() -> str:
@@ -156,16 +157,13 @@ def settled(name: str) -> bool:
 
 
 def command(point: Dict, threads: int = 2) -> List[str]:
-    out, partial, common, extra = final_path(point["name"]), PARTIAL, COMMON, []
+    out, partial, common = final_path(point["name"]), PARTIAL, COMMON
     if point.get("second"):
         out, partial = second_out(point["name"]), os.path.join(PARTIAL, "second")
         common = [SECOND_LR if k and COMMON[k - 1] == "--lr" else a for k, a in enumerate(COMMON)]
-        # checkpoints apart from the first run's (same out name; another configuration)
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        extra = ["--ckpt-dir", os.path.join(cache, "xnorcdl", "runs", point["name"] + "_second")]
     return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + common
             + ["--threads", str(threads)] + point["args"]
-            + ["--out", out, "--partial", partial, "--stop-after", "1", *extra])
+            + ["--out", out, "--partial", partial, "--stop-after", "1"])
 
 
 def val_no_exit(path: str) -> float:
@@ -282,18 +280,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     if args.budget == 2:
-        return run_second(args)
-    grid = points()
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {p["name"] for p in grid}
-        if unknown:
-            ap.error(f"--only: unknown point(s) {sorted(unknown)}")
-        grid = [p for p in grid if p["name"] in wanted]
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+        return run_second(args, ap)
+    grid = selected(points(), args.only, ap)
     rounds = 0
     for p in grid:
         if not args.dry_run and needs_finalizing(p["name"]):
@@ -323,19 +311,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_second(args) -> int:
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def selected(runs: List[Dict], only: str, ap) -> List[Dict]:
+    """The runs ``--only`` names (all without it); an unknown name is a usage error."""
+    if not only:
+        return runs
+    wanted = set(only.split(","))
+    unknown = wanted - {p["name"] for p in runs}
+    if unknown:
+        ap.error(f"--only: unknown point(s) {sorted(unknown)}")
+    return [p for p in runs if p["name"] in wanted]
+
+
+def run_second(args, ap) -> int:
     """``--budget 2``: one epoch of each unsettled second run in turn until all are settled."""
-    runs = second_points()
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {p["name"] for p in runs}
-        if unknown:
-            raise SystemExit(f"error: --only: not in the second budget: {sorted(unknown)}")
-        runs = [p for p in runs if p["name"] in wanted]
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+    runs = selected(second_points(), args.only, ap)
     missing = [p["name"] for p in runs if not os.path.exists(final_path(p["name"]))]
     if missing:
         raise SystemExit(f"error: --budget 2 needs the first file of {missing}")
