@@ -90,46 +90,74 @@ def _trained(path, val_no_exit, seed):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.mark.parametrize("first, second, kept", [(90.3, 90.9, "second"), (90.3, 90.3, "second"),
-                                                 (90.3, 89.7, "first")])
-def test_a_second_run_replaces_the_file_only_when_validation_does_not_fall(folders, first, second,
-                                                                           kept):
+@pytest.mark.parametrize("budget", [2, 3])
+@pytest.mark.parametrize("before, after, kept", [(90.3, 90.9, "run"), (90.3, 90.3, "run"),
+                                                 (90.3, 89.7, "before")])
+def test_a_later_run_replaces_the_file_only_when_validation_does_not_fall(folders, budget, before,
+                                                                          after, kept):
     g = folders
-    (g / "second").mkdir()
-    sha1 = _trained(g / "r32_10E_4b.npz", first, seed=1)
-    sha2 = _trained(grid.second_out("r32_10E_4b"), second, seed=2)
-    assert not grid.settled("r32_10E_4b")
-    changed = grid.settle_second("r32_10E_4b", lambda m: None)
-    assert changed == (kept == "second")
+    tag = grid.BUDGETS[budget]["name"]
+    (g / tag).mkdir()
+    sha1 = _trained(g / "r32_10E_4b.npz", before, seed=1)
+    sha2 = _trained(grid.later_out("r32_10E_4b", budget), after, seed=2)
+    assert not grid.settled("r32_10E_4b", budget)
+    changed = grid.settle("r32_10E_4b", budget, lambda m: None)
+    assert changed == (kept == "run")
     with open(g / "r32_10E_4b.npz", "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == (sha2 if kept == "second" else sha1)
-    assert os.listdir(g / "second") == []
+        assert hashlib.sha256(f.read()).hexdigest() == (sha2 if kept == "run" else sha1)
+    assert os.listdir(g / tag) == []
     with open(g / "budgets.json") as f:
-        entry = json.load(f)["second"]["r32_10E_4b"]
-    assert entry == {"epochs": grid.SECOND["r32_10E_4b"], "lr": float(grid.SECOND_LR),
-                     "first_sha256": sha1, "second_sha256": sha2, "val_no_exit_first": first,
-                     "val_no_exit_second": second, "kept": kept}
-    assert grid.settled("r32_10E_4b") and not grid.settled("r32_16E_4b")
+        book = json.load(f)
+    assert set(book) == {"rule", tag}
+    assert book[tag]["r32_10E_4b"] == {
+        "epochs": grid.BUDGETS[budget]["epochs"]["r32_10E_4b"],
+        "lr": float(grid.BUDGETS[budget]["lr"]), "before_sha256": sha1, "run_sha256": sha2,
+        "val_no_exit_before": before, "val_no_exit_run": after, "kept": kept}
+    assert grid.settled("r32_10E_4b", budget) and not grid.settled("r32_16E_4b", budget)
+    other = 5 - budget  # the other budget's book is apart
+    assert not grid.settled("r32_10E_4b", other)
+
+
+def test_the_recorded_budgets_match_the_tables_and_the_files():
+    """weights/grid/budgets.json: every settled run is one of its budget's table, and a point
+    whose last run was kept has that run's file (its sha256)."""
+    from xnorcdl.files import sha256_of
+    with open(os.path.join(grid.ROOT, "weights", "grid", "budgets.json")) as f:
+        book = json.load(f)
+    last = {}
+    for budget, b in sorted(grid.BUDGETS.items()):
+        for name, entry in book.get(b["name"], {}).items():
+            assert name in b["epochs"] and entry["epochs"] == b["epochs"][name]
+            assert entry["lr"] == float(b["lr"])
+            last[name] = entry["run_sha256"] if entry["kept"] == "run" else entry["before_sha256"]
+    assert "second" in book
+    for name, sha in last.items():
+        assert sha256_of(os.path.join(grid.ROOT, "weights", "grid", name + ".npz")) == sha, name
 
 
 def first_cmd_of(name):
     return grid.command(next(p for p in grid.points() if p["name"] == name))
 
 
-def test_second_runs_start_from_the_final_file_at_the_second_rate(folders):
-    runs = {p["name"]: p for p in grid.second_points()}
-    assert set(runs) == set(grid.SECOND)
+@pytest.mark.parametrize("budget", sorted(grid.BUDGETS))
+def test_later_runs_start_from_the_final_file_at_their_rate(folders, budget):
+    b = grid.BUDGETS[budget]
+    runs = {p["name"]: p for p in grid.later_points(budget)}
+    assert set(runs) == set(b["epochs"])
     cmd = grid.command(runs["r32_10E_2b"], threads=1)
     assert cmd[cmd.index("--init") + 1] == grid.final_path("r32_10E_2b")
-    assert cmd.count("--lr") == 1 and cmd[cmd.index("--lr") + 1] == grid.SECOND_LR
-    assert cmd[cmd.index("--epochs") + 1] == str(grid.SECOND["r32_10E_2b"])
-    assert cmd[cmd.index("--out") + 1] == grid.second_out("r32_10E_2b")
-    assert cmd[cmd.index("--partial") + 1] == os.path.join(grid.PARTIAL, "second")
+    assert cmd.count("--lr") == 1 and cmd[cmd.index("--lr") + 1] == b["lr"]
+    assert cmd[cmd.index("--epochs") + 1] == str(b["epochs"]["r32_10E_2b"])
+    assert cmd[cmd.index("--out") + 1] == grid.later_out("r32_10E_2b", budget)
+    assert cmd[cmd.index("--partial") + 1] == os.path.join(grid.PARTIAL, b["name"])
     assert "--fit-ranges" not in cmd and "--init-edge" not in cmd
-    # another out name than the first run's, so another checkpoint folder (train.py's default)
+    # another out name than the first run's and every other budget's, so another checkpoint
+    # folder (train.py's default)
     out = cmd[cmd.index("--out") + 1]
-    assert os.path.basename(out) == "r32_10E_2b_second.npz" != os.path.basename(
-        first_cmd_of("r32_10E_2b")[first_cmd_of("r32_10E_2b").index("--out") + 1])
+    assert os.path.basename(out) == f"r32_10E_2b_{b['name']}.npz"
     first = first_cmd_of("r32_10E_2b")
+    outs = {os.path.basename(first[first.index("--out") + 1])} | {
+        os.path.basename(grid.later_out("r32_10E_2b", k)) for k in grid.BUDGETS}
+    assert len(outs) == 1 + len(grid.BUDGETS)
     model = ["--edge-convs", "--edge-bits", "--exits", "--exit-weights"]
     assert [cmd[cmd.index(k) + 1] for k in model] == [first[first.index(k) + 1] for k in model]

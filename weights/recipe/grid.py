@@ -38,14 +38,15 @@ entries are removed (:func:`finalize`)::
 
     python weights/recipe/grid.py [--only NAME[,NAME...]] [--rounds N] [--dry-run]
 
-**The second budget** (``--budget 2``, :data:`SECOND`, fixed after every point had its first
-file and before any second run): the points named there train further from their final file
-(``--init weights/grid/NAME.npz``, the same recipe at half the peak rate, a cosine of its own),
-one epoch per invocation as above with its state in ``partial/second/``. When such a run ends
-its file replaces the point's only if its validation accuracy without exits (the 5000
-held-out training images, never the test set) is at least the first file's
-(:func:`settle_second`); the decision and both figures go into ``weights/grid/budgets.json``
-and the point is finalized again. The lineage of a replaced file records both runs.
+**Later budgets** (``--budget N`` for N >= 2, :data:`BUDGETS`, each fixed after the budget
+before it had ended and before any of its own runs): the points named there train further from
+their final file (``--init weights/grid/NAME.npz``, the same recipe at a lower peak rate, a cosine
+of its own), one epoch per invocation as above with its state in ``partial/<budget>/`` (``second``,
+``third``). When such a run ends its file replaces the point's only if its validation accuracy
+without exits (the 5000 held-out training images, never the test set) is at least the file's it
+started from (:func:`settle`); the decision and both figures go into ``weights/grid/budgets.json``
+under the budget's name and the point is finalized again. The lineage of a replaced file records
+every run.
 """
 from __future__ import annotations
 
@@ -81,13 +82,19 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
           "--log-every", "50", "--threshold-rule", RULE, "--compile", "1"]
 
 
-#: the second budget, epochs per point (fixed before its runs): the points nearest their floors
-#: first (4-bit 10E/16E at 89.9/89.5 %, still rising in their last epoch), then the 2-bit 10E
-#: point and the 1-bit 24E point
-SECOND = {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4, "r32_24E_1b": 3}
-
-#: peak learning rate of a second run (half of COMMON's: it starts from a trained file)
-SECOND_LR = "0.01"
+#: later budgets (fixed before their runs, each after the one before had ended): name, peak
+#: learning rate (a run starts from a trained file) and epochs per point.
+#: 2: the points nearest their floors (4-bit 10E/16E at 89.9/89.5 %, still rising in their last
+#: epoch), then the 2-bit 10E point and the 1-bit 24E point, at half of COMMON's rate;
+#: 3: the three points the second budget moved up (validation without exits +0.36/+0.48/+0.72)
+#: and still rising in its last epoch, at half the second budget's rate again (24E 1-bit did not
+#: improve at 0.01 and is left to another recipe)
+BUDGETS = {
+    2: {"name": "second", "lr": "0.01",
+        "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4, "r32_24E_1b": 3}},
+    3: {"name": "third", "lr": "0.005",
+        "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4}},
+}
 
 
 def start_args(m: int, bits: int) -> List[str]:
@@ -121,14 +128,14 @@ def points() -> List[Dict]:
     return out
 
 
-def second_points() -> List[Dict]:
-    """The second budget's runs: the first run's model options, started from the final file."""
+def later_points(budget: int) -> List[Dict]:
+    """A later budget's runs: the first run's model options, started from the final file."""
     first = {p["name"]: p for p in points()}
     out = []
-    for name, epochs in SECOND.items():
+    for name, epochs in BUDGETS[budget]["epochs"].items():
         args = first[name]["args"]
         model = args[:args.index("--exits") + 4]  # --edge-convs M --edge-bits b --exits M --exit-weights w
-        out.append({"name": name, "second": True,
+        out.append({"name": name, "budget": budget,
                     "args": [*model, "--init", final_path(name), "--epochs", str(epochs)]})
     return out
 
@@ -137,30 +144,32 @@ def final_path(name: str) -> str:
     return os.path.join(GRID, name + ".npz")
 
 
-def second_out(name: str) -> str:
-    """Where a second run writes its file before :func:`settle_second` decides on it (a name of
-    its own, so that its checkpoints are not the first run's)."""
-    return os.path.join(GRID, "second", name + "_second.npz")
+def later_out(name: str, budget: int) -> str:
+    """Where a later run writes its file before :func:`settle` decides on it (a name of its own
+    per budget, so that its checkpoints are not an earlier run's)."""
+    tag = BUDGETS[budget]["name"]
+    return os.path.join(GRID, tag, f"{name}_{tag}.npz")
 
 
 def budgets_path() -> str:
     return os.path.join(GRID, "budgets.json")
 
 
-def settled(name: str) -> bool:
-    """Whether the second run of a point has been decided on (``budgets.json``)."""
+def settled(name: str, budget: int) -> bool:
+    """Whether a point's run of a later budget has been decided on (``budgets.json``)."""
     try:
         with open(budgets_path()) as f:
-            return name in json.load(f)["second"]
+            return name in json.load(f)[BUDGETS[budget]["name"]]
     except (OSError, ValueError, KeyError):
         return False
 
 
 def command(point: Dict, threads: int = 2) -> List[str]:
     out, partial, common = final_path(point["name"]), PARTIAL, COMMON
-    if point.get("second"):
-        out, partial = second_out(point["name"]), os.path.join(PARTIAL, "second")
-        common = [SECOND_LR if k and COMMON[k - 1] == "--lr" else a for k, a in enumerate(COMMON)]
+    if point.get("budget"):
+        b = BUDGETS[point["budget"]]
+        out, partial = later_out(point["name"], point["budget"]), os.path.join(PARTIAL, b["name"])
+        common = [b["lr"] if k and COMMON[k - 1] == "--lr" else a for k, a in enumerate(COMMON)]
     return ([sys.executable, os.path.join("weights", "recipe", "train.py")] + common
             + ["--threads", str(threads)] + point["args"]
             + ["--out", out, "--partial", partial, "--stop-after", "1"])
@@ -173,38 +182,41 @@ def val_no_exit(path: str) -> float:
     return float(spec.provenance["validation"]["val_no_exit_acc"])
 
 
-def settle_second(name: str, log) -> bool:
-    """Decide on a finished second run: its file replaces the point's when its validation
-    accuracy without exits is at least the first file's, else it is dropped. Records the
-    decision in ``budgets.json`` (written whole, then renamed) and returns whether the point's
-    file changed."""
+RULE_TEXT = ("a later run's file replaces the point's when its validation accuracy without exits "
+             "(5000 held-out training images) is at least that of the file it started from")
+
+
+def settle(name: str, budget: int, log) -> bool:
+    """Decide on a finished run of a later budget: its file replaces the point's when its
+    validation accuracy without exits is at least the file's it started from, else it is
+    dropped. Records the decision in ``budgets.json`` under the budget's name (written whole,
+    then renamed) and returns whether the point's file changed."""
     from xnorcdl.files import sha256_of
-    new, old = second_out(name), final_path(name)
+    b = BUDGETS[budget]
+    new, old = later_out(name, budget), final_path(name)
     before, after = val_no_exit(old), val_no_exit(new)
-    kept = "second" if after >= before else "first"
-    entry = {"epochs": SECOND[name], "lr": float(SECOND_LR), "first_sha256": sha256_of(old),
-             "second_sha256": sha256_of(new), "val_no_exit_first": before,
-             "val_no_exit_second": after, "kept": kept}
+    kept = "run" if after >= before else "before"
+    entry = {"epochs": b["epochs"][name], "lr": float(b["lr"]), "before_sha256": sha256_of(old),
+             "run_sha256": sha256_of(new), "val_no_exit_before": before,
+             "val_no_exit_run": after, "kept": kept}
     try:
         with open(budgets_path()) as f:
             book = json.load(f)
     except OSError:
-        book = {"rule": "the second run's file replaces the first when its validation accuracy "
-                        "without exits (5000 held-out training images) is at least the first's",
-                "second": {}}
-    book["second"][name] = entry
+        book = {"rule": RULE_TEXT}
+    book.setdefault(b["name"], {})[name] = entry
     tmp = budgets_path() + ".tmp"
     with open(tmp, "w") as f:
         json.dump(book, f, indent=1, sort_keys=True)
         f.write("\n")
-    if kept == "second":
+    if kept == "run":
         os.replace(new, old)
     else:
         os.remove(new)
     os.replace(tmp, budgets_path())
-    log(f"{name}: second run {after:.2f} % vs first {before:.2f} % on validation without exits: "
-        f"kept the {kept} file")
-    return kept == "second"
+    log(f"{name}: {b['name']} run {after:.2f} % vs {before:.2f} % before on validation without "
+        f"exits: kept the {'new' if kept == 'run' else 'earlier'} file")
+    return kept == "run"
 
 
 def progress(name: str) -> Optional[dict]:
@@ -275,12 +287,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch CPU threads per run (1 leaves a core for other work)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    ap.add_argument("--budget", type=int, default=1, choices=(1, 2),
-                    help="1: the first runs; 2: the second budget (SECOND), from final files")
+    ap.add_argument("--budget", type=int, default=1, choices=(1, *BUDGETS),
+                    help="1: the first runs; N >= 2: that later budget (BUDGETS), from final files")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
-    if args.budget == 2:
-        return run_second(args, ap)
+    if args.budget > 1:
+        return run_later(args, ap)
     grid = selected(points(), args.only, ap)
     rounds = 0
     for p in grid:
@@ -326,33 +338,34 @@ def selected(runs: List[Dict], only: str, ap) -> List[Dict]:
     return [p for p in runs if p["name"] in wanted]
 
 
-def run_second(args, ap) -> int:
-    """``--budget 2``: one epoch of each unsettled second run in turn until all are settled."""
-    runs = selected(second_points(), args.only, ap)
+def run_later(args, ap) -> int:
+    """``--budget N``: one epoch of each unsettled run of budget N in turn until all are settled."""
+    budget, tag = args.budget, BUDGETS[args.budget]["name"]
+    runs = selected(later_points(budget), args.only, ap)
     missing = [p["name"] for p in runs if not os.path.exists(final_path(p["name"]))]
     if missing:
-        raise SystemExit(f"error: --budget 2 needs the first file of {missing}")
+        raise SystemExit(f"error: --budget {budget} needs the final file of {missing}")
     rounds = 0
     while True:
-        todo = [p for p in runs if not settled(p["name"])]
+        todo = [p for p in runs if not settled(p["name"], budget)]
         if not todo or (args.rounds and rounds >= args.rounds):
             break
         for p in todo:
-            log(f"second budget, round {rounds + 1}: {p['name']}")
+            log(f"{tag} budget, round {rounds + 1}: {p['name']}")
             if args.dry_run:
                 print(" ".join(command(p, args.threads)))
                 continue
-            if not os.path.exists(second_out(p["name"])):
+            if not os.path.exists(later_out(p["name"], budget)):
                 subprocess.run(command(p, args.threads), check=True, cwd=ROOT)
-            if os.path.exists(second_out(p["name"])):
-                settle_second(p["name"], log)
+            if os.path.exists(later_out(p["name"], budget)):
+                settle(p["name"], budget, log)
                 if needs_finalizing(p["name"]):
                     finalize(p["name"], log)
         rounds += 1
         if args.dry_run:
             break
-    left = [p["name"] for p in runs if not settled(p["name"])]
-    log("second budget complete" if not left else f"unsettled: {', '.join(left)}")
+    left = [p["name"] for p in runs if not settled(p["name"], budget)]
+    log(f"{tag} budget complete" if not left else f"unsettled: {', '.join(left)}")
     return 0
 
 
