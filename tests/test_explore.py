@@ -25,6 +25,8 @@ GRID = {
     "r8_2E_2b.npz": dict(edge_convs=2, edge_bits=2, exits=[(2, 0.6)]),
     "r8_4E_2b.npz": dict(edge_convs=4, edge_bits=2, exits=[(4, 0.6)]),
     "r8_4E_1b_2exits.npz": dict(edge_convs=4, edge_bits=1, exits=[(2, 0.4), (4, 0.5)]),
+    "r8_2E_1b_separate.npz": dict(edge_convs=2, edge_bits=1, exits=[(2, 0.6)],
+                                  provenance={"strategy": "separate"}),
 }
 N_EVAL, N_CAL = 120, 150
 
@@ -71,7 +73,8 @@ def test_json_holds_every_point_with_its_figures(result):
         assert p["edge_convs"] == kw["edge_convs"] and p["edge_bits"] == kw["edge_bits"]
         assert p["exits_after_conv"] == [a for a, _ in kw["exits"]]
         assert p["config"] == f"{kw['edge_convs']}E+{6 - kw['edge_convs']}C"
-        assert p["final"] is True and p["strategy"] == "joint"
+        assert p["final"] is True
+        assert p["strategy"] == kw.get("provenance", {}).get("strategy", "joint")
         assert set(p["rules"]) == {"stored", "within:1"}
         assert p["rules"]["stored"]["thresholds"] == [t for _, t in kw["exits"]]
         for row in [p["no_exit"]] + list(p["rules"].values()):
@@ -107,6 +110,46 @@ def test_figures_are_algorithm_1_replayed_and_priced_by_the_counter(result):
                 mean = energy_summary(model, res.exit_index, table)["mean_pJ_per_sample"]
                 assert row["energy"][name]["edge_pJ"] == mean["edge"]
                 assert row["energy"][name]["cloud_pJ"] == mean["cloud"]
+
+
+def test_twins_are_compared_paired_sample_by_sample(result):
+    """The joint/separate and one/two-exit twins get McNemar's exact test on the per-sample
+    correctness of Algorithm 1 run by the engine with each file's thresholds."""
+    grid, out, doc = result
+    from xnorcdl.compare import mcnemar_exact
+    from xnorcdl.records import read_records
+    assert {(r["role"], r["a"], r["b"]) for r in doc["paired"]} == {
+        ("joint vs separate", "r8_2E_1b.npz", "r8_2E_1b_separate.npz"),
+        ("one vs more exits", "r8_4E_1b.npz", "r8_4E_1b_2exits.npz")}
+    x, y = read_records(str(grid / "eval.bin"))
+    points = {p["file"]: p for p in doc["points"]}
+    for row in doc["paired"]:
+        right = {}
+        for name in (row["a"], row["b"]):
+            model = load_model(str(grid / "grid" / name))
+            p = points[name]
+            right[name] = {}
+            for rule, rec in [("no exit", p["no_exit"])] + list(p["rules"].items()):
+                res = engine.run(model, x, make_executor(model, "reference"), rec["thresholds"])
+                right[name][rule] = res.predictions == y
+        assert set(row["correct"]) == {"no exit", "stored", "within:1"}
+        for rule, c in row["correct"].items():
+            a, b = right[row["a"]][rule], right[row["b"]][rule]
+            assert (c["both"], c["only_a"], c["only_b"], c["neither"]) == (
+                int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum()),
+                int((~a & ~b).sum()))
+            assert c["p_value"] == mcnemar_exact(c["only_a"], c["only_b"])
+    text = open(out / "tables.md").read()
+    assert "McNemar" not in text   # the tables' rows are the 16E / 20E points, absent here
+    from xnorcdl import paper_tables
+    doc2 = json.loads(json.dumps(doc))
+    for q in doc2["points"]:
+        if q["file"] in ("r8_2E_1b.npz", "r8_2E_1b_separate.npz"):
+            q["edge_convs"] = 16
+    c = next(r for r in doc2["paired"] if r["role"] == "joint vs separate")["correct"]["stored"]
+    note = paper_tables.table_ii(doc2, "stored").splitlines()[-1]
+    assert "McNemar" in note and f"only with joint on {c['only_a']} images" in note
+    assert f"only with separate on {c['only_b']}, p = {c['p_value']:.2g}" in note
 
 
 def test_tables_show_the_counters_energies(result):

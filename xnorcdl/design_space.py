@@ -15,6 +15,12 @@ series (the hybrid of section III.A): the dashed lines of Fig. 4.
 
 The Pareto front keeps the points no other point beats on both axes (accuracy at least as high
 and energy at most as low, one of them strictly).
+
+Twins, compared paired (:func:`paired_twins`): a separately optimized point and its joint twin
+(Table II), a two-exit point and the one-exit point of the same edge (Table IV). Both files see
+the same evaluation images, so their accuracies are compared sample by sample with McNemar's
+exact test (:func:`xnorcdl.compare.paired`): at ~88 % accuracy on 10,000 images a difference of
+a few tenths of a point may or may not be noise, and the discordant counts tell which.
 """
 from __future__ import annotations
 
@@ -115,6 +121,49 @@ def measure_point(path: str, model: Model, calib, evaluation, rules: Sequence[st
                               if key in ("accuracy", "edge_fraction")}
         point["rules"][rule] = row
     return point
+
+
+def correct_by_rule(point: dict, outs: Sequence[np.ndarray], labels: np.ndarray) -> dict:
+    """Per-sample correctness (bool ``[N]``) of a measured point without exits and under each of
+    its rules, from the thresholds :func:`measure_point` recorded."""
+    rows = {NO_EXIT: point["no_exit"], **point["rules"]}
+    return {rule: calibrate.decide(outs, row["thresholds"])[0] == labels
+            for rule, row in rows.items()}
+
+
+NO_EXIT = "no exit"
+
+
+def twins(points: Sequence[dict]) -> List[tuple]:
+    """(role, a, b) index pairs: each separate point with its joint twin (same edge and exit),
+    each multi-exit point with the single-exit point whose exit is its last one."""
+    def key(p):
+        return (p["edge_convs"], p["edge_bits"], p["depth"])
+    out = []
+    for j, b in enumerate(points):
+        for i, a in enumerate(points):
+            if i == j or key(a) != key(b) or not a["exits_after_conv"]:
+                continue
+            if (b["strategy"] == "separate" and a["strategy"] == "joint"
+                    and a["exits_after_conv"] == b["exits_after_conv"]):
+                out.append(("joint vs separate", i, j))
+            elif (len(b["exits_after_conv"]) > 1 and a["exits_after_conv"]
+                  == b["exits_after_conv"][-1:] and a["strategy"] == b["strategy"] == "joint"):
+                out.append(("one vs more exits", i, j))
+    return out
+
+
+def paired_twins(points: Sequence[dict], correct: Sequence[dict]) -> List[dict]:
+    """McNemar's exact test between every pair of :func:`twins`, without exits and under each
+    rule both points have: counts of samples right in both, only in a, only in b, neither."""
+    from .compare import paired
+    out = []
+    for role, i, j in twins(points):
+        a, b = points[i], points[j]
+        rules = [r for r in correct[i] if r in correct[j]]
+        out.append({"role": role, "a": a["file"], "b": b["file"],
+                    "correct": {r: paired(correct[i][r], correct[j][r]) for r in rules}})
+    return out
 
 
 def pareto(items: Sequence[tuple]) -> List[str]:

@@ -133,7 +133,8 @@ def measure(args) -> dict:
         e_outs = engine.outputs(model, ev_x, ex, args.batch_size, bar)
         c = ((engine.outputs(model, cal_x, ex, args.batch_size, bar), cal_y)
              if need_calib else (e_outs, ev_y))
-        return ds.measure_point(path, model, c, (e_outs, ev_y), rules, tables)
+        pt = ds.measure_point(path, model, c, (e_outs, ev_y), rules, tables)
+        return pt, ds.correct_by_rule(pt, e_outs, ev_y)
 
     with cli.threads(args):
         workers = min(args.workers, len(models))
@@ -151,6 +152,7 @@ def measure(args) -> dict:
                 shared = Locked(bar)
                 with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                     points = list(pool.map(lambda pm: point(*pm, shared), models))
+        points, correct = [p for p, _ in points], [c for _, c in points]
         baseline = None
         if base is not None:
             with cli.progress(args, len(ev_x), "baseline " + os.path.basename(args.baseline)) \
@@ -166,6 +168,7 @@ def measure(args) -> dict:
             "rules": rules, "energy_tables": {k: t.to_dict() for k, t in tables.items()},
             "baseline": baseline, "points": points,
             "pareto": {t: ds.fronts(points, rules[0], t) for t in tables},
+            "paired": ds.paired_twins(points, correct),
             "seconds": round(time.time() - t0, 1)}
 
 

@@ -60,7 +60,31 @@ def table_ii(doc: dict, rule: str) -> str:
         "|---|---:|---:|---:|---:|",
         f"| CIFAR-10, paper | {PAPER_II['separate'][0]} | {PAPER_II['joint'][0]} | "
         f"{PAPER_II['separate'][1]} | {PAPER_II['joint'][1]} |",
-        f"| CIFAR-10, ours | {se} | {je} | {sa} | {ja} |"])
+        f"| CIFAR-10, ours | {se} | {je} | {sa} | {ja} |",
+        paired_note(doc, joint, sep, rule, ("joint", "separate"))]).rstrip()
+
+
+def paired_note(doc: dict, a: Optional[dict], b: Optional[dict], rule: str, names) -> str:
+    """One line under a table: the paired test of points a and b (``doc["paired"]``), with
+    exits (``rule``) and without; empty when either point is missing or was not paired."""
+    if a is None or b is None:
+        return ""
+    for row in doc.get("paired", []):
+        if (row["a"], row["b"]) == (a["file"], b["file"]):
+            break
+    else:
+        return ""
+
+    def part(key, what):
+        c = row["correct"].get(key)
+        if c is None:
+            return ""
+        return (f"{what}: right only with {names[0]} on {c['only_a']} images, only with "
+                f"{names[1]} on {c['only_b']}, p = {c['p_value']:.2g}")
+    parts = [x for x in (part(rule, f"with exits (`{rule}`)"), part("no exit", "without exits"))
+             if x]
+    return ("\nPaired on the same images (McNemar's exact test, two-sided), "
+            + "; ".join(parts) + ".")
 
 
 def _uj(p: Optional[dict], rule: str, table: str, part: str) -> str:
@@ -113,7 +137,8 @@ def table_iv(doc: dict, rule: str) -> str:
         f"| CIFAR-10, paper (energy in its \"mJ\") | {p1[0][0]} | "
         f"{', '.join(str(v) for v in p2[0])} | {p1[1]} | {p2[1]} | {p1[2]} | {p2[2]} |",
         f"| CIFAR-10, ours (energy in uJ per sample) | {o[0]} | {t[0]} | {o[1]} | {t[1]} "
-        f"| {o[2]} | {t[2]} |"])
+        f"| {o[2]} | {t[2]} |",
+        paired_note(doc, one, two, rule, ("one exit", "two exits"))]).rstrip()
 
 
 def render(doc: dict) -> str:
