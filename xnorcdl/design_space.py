@@ -37,6 +37,7 @@ from .model import Model
 FORMAT = "xnorcdl-design-space"
 VERSION = 1
 STORED = "stored"  # the rule name for the thresholds stored in each file
+NO_EXIT = "no exit"  # the row of every point without exits (as in xnorcdl.compare)
 
 
 def config_name(model: Model) -> str:
@@ -129,9 +130,6 @@ def correct_by_rule(point: dict, outs: Sequence[np.ndarray], labels: np.ndarray)
     rows = {NO_EXIT: point["no_exit"], **point["rules"]}
     return {rule: calibrate.decide(outs, row["thresholds"])[0] == labels
             for rule, row in rows.items()}
-
-
-NO_EXIT = "no exit"
 
 
 def twins(points: Sequence[dict]) -> List[tuple]:
