@@ -96,6 +96,10 @@ BUDGETS = {
         "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4}},
 }
 
+#: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
+REPLACE_RULE = ("a later run's file replaces the point's when its validation accuracy without "
+                "exits (5000 held-out training images) is at least that of the file it started from")
+
 
 def start_args(m: int, bits: int) -> List[str]:
     """``--init`` and the two start rules of the module docstring for M edge convs of p bits."""
@@ -182,10 +186,6 @@ def val_no_exit(path: str) -> float:
     return float(spec.provenance["validation"]["val_no_exit_acc"])
 
 
-RULE_TEXT = ("a later run's file replaces the point's when its validation accuracy without exits "
-             "(5000 held-out training images) is at least that of the file it started from")
-
-
 def settle(name: str, budget: int, log) -> bool:
     """Decide on a finished run of a later budget: its file replaces the point's when its
     validation accuracy without exits is at least the file's it started from, else it is
@@ -203,7 +203,7 @@ def settle(name: str, budget: int, log) -> bool:
         with open(budgets_path()) as f:
             book = json.load(f)
     except OSError:
-        book = {"rule": RULE_TEXT}
+        book = {"rule": REPLACE_RULE}
     book.setdefault(b["name"], {})[name] = entry
     tmp = budgets_path() + ".tmp"
     with open(tmp, "w") as f:
