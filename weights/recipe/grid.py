@@ -98,7 +98,8 @@ BUDGETS = {
 
 #: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
 REPLACE_RULE = ("a later run's file replaces the point's when its validation accuracy without "
-                "exits (5000 held-out training images) is at least that of the file it started from")
+                "exits (5000 held-out training images) is at least that of the file it started "
+                "from")
 
 
 def start_args(m: int, bits: int) -> List[str]:
