@@ -156,7 +156,8 @@ def test_every_grid_file_has_thresholds_of_the_grid_rule():
             last = prov["recalibrations"][-1]
             rule, thresholds = last["rule"], last["thresholds"]
         else:
-            rule, thresholds = prov["validation"]["threshold_rule"], prov["validation"]["thresholds"]
+            val = prov["validation"]
+            rule, thresholds = val["threshold_rule"], val["thresholds"]
         assert rule == grid.RULE, name
         assert [e.threshold for e in spec.exits] == pytest.approx(thresholds), name
 
