@@ -43,10 +43,10 @@ own runs, from the results of the budgets that had ended): the points named ther
 from their final file (``--init weights/grid/NAME.npz``, the same recipe at a lower peak rate, a
 cosine of its own), one epoch per invocation as above with its state in ``partial/<budget>/``
 (``second``, ``third``, ...). When such a run ends its file replaces the point's only if its
-validation accuracy without exits (the 5000 held-out training images, never the test set) is at least the file's it
-started from (:func:`settle`); the decision and both figures go into ``weights/grid/budgets.json``
-under the budget's name and the point is finalized again. The lineage of a replaced file records
-every run.
+validation accuracy without exits (the 5000 held-out training images, never the test set) is
+at least the file's it started from (:func:`settle`); the decision and both figures go into
+``weights/grid/budgets.json`` under the budget's name and the point is finalized again. The
+lineage of a replaced file records every run.
 """
 from __future__ import annotations
 
