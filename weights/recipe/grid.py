@@ -104,6 +104,7 @@ BUDGETS = {
         "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4}},
     4: {"name": "fourth", "lr": "0.005", "epochs": {"r32_10E_2b": 4}},
     5: {"name": "fifth", "lr": "0.01", "epochs": {"r32_10E_4b": 6}},
+    6: {"name": "sixth", "lr": "0.01", "epochs": {"r32_16E_4b": 6, "r32_10E_2b": 6}},
 }
 
 #: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
