@@ -16,6 +16,12 @@ pass after each GEMM (``(W' x + shift[o])``, then ReLU or the residual). Around 
   columns per row past W are computed and never read (25 % more GEMM columns at 8 x 8); the
   im2col that this replaces copied 9C x H W values per conv in short rows, which cost a third
   of a block at 8 x 8 (window_rows: 20 us of 146 at batch 1 on a Xeon, two per block).
+* **Direct convs where they fit** (``direct=True``, the fast backend's choice): a stride-1
+  conv whose output rows are runs of 8 pixels and whose channels come in fours
+  (:func:`~xnorcdl.kernels.directconv.supports`: every ResNet-32 conv at 32 x 32, 16 x 16 and
+  8 x 8) runs as :func:`~xnorcdl.kernels.directconv.conv3x3_into` on the same padded flat images
+  instead of the nine GEMMs: 4 channels x 16 pixels per register tile, no packing, nothing
+  computed past W, its output in dense rows of W (``row = W`` below instead of W + 2).
 * conv1's epilogue (:func:`relu_into_padded`) adds the shift and applies its ReLU while it
   writes conv2's padded input; conv2's epilogue (:func:`residual_relu`) adds the shift and the
   shortcut (identity, zero-pad ``x[:, o - pad, ::2, ::2]``, or a 1x1-conv GEMM's output) and
@@ -30,14 +36,15 @@ calls from Python. Otherwise the GEMMs go through ``np.matmul`` (the tap sums as
 xp_tap``, which is what sgemm's beta = 1 computes): the same sgemm calls, so the same bits,
 except for products with one output row or column, where NumPy calls gemv.
 
-Each output is a dot product over the same 9C terms as the reference's, summed in another order,
-so within the bound of ``FloatGemmConv`` (gamma_{9C+2}, any order).
+Each output is a dot product over the same 9C terms as the reference's, summed in another order
+(by sgemm, or by FMA in k order in the direct conv), so within the bound of ``FloatGemmConv``
+(gamma_{9C+2}, any order).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import blas
+from . import blas, directconv
 from .jit import numba
 from .shapes import out_size
 
@@ -199,19 +206,26 @@ def taps_gemm_into(sgemm, w9, xp, h, w, t):
 
 @numba.njit(cache=True, nogil=True)
 def block_chunk(sgemm, x, stride, kind, pad_channels, w1, w1_taps, b1, w2_taps, b2, wsc, xp,
-                cols1, cols_sc, t1, tp, t2, sc, row1, ho, wo, out):
+                cols1, cols_sc, t1, tp, t2, sc, row1, ho, wo, out, ap1, boff1, ap2, boff2, row2):
     """:meth:`CloudBlock._chunk` in one jitted call: every GEMM (conv1's nine or one, conv2's
-    nine, the 1x1-conv shortcut's when ``wsc`` has rows) through ``sgemm``, the passes between
-    them as there."""
+    nine, the 1x1-conv shortcut's when ``wsc`` has rows) through ``sgemm``, except a stride-1
+    conv whose term offsets ``boff`` are given (non-empty), which runs as
+    :func:`~xnorcdl.kernels.directconv.conv3x3_into`; the passes between them as there."""
     h, w = x.shape[2], x.shape[3]
-    if stride == 1:
+    if stride == 1 and boff1.shape[0] > 0:
+        directconv.conv3x3_into(ap1, boff1, pad_flat(x, xp), h, w, t1)
+    elif stride == 1:
         taps_gemm_into(sgemm, w1_taps, pad_flat(x, xp), h, w, t1)
     else:
         gemm_into(sgemm, w1, im2col_pad1(x, stride, cols1), t1)
-    taps_gemm_into(sgemm, w2_taps, relu_into_padded(t1, row1, ho, wo, b1, tp), ho, wo, t2)
+    relu_into_padded(t1, row1, ho, wo, b1, tp)
+    if boff2.shape[0] > 0:
+        directconv.conv3x3_into(ap2, boff2, tp, ho, wo, t2)
+    else:
+        taps_gemm_into(sgemm, w2_taps, tp, ho, wo, t2)
     if wsc.shape[0] > 0:
         gemm_into(sgemm, wsc, subsample2(x, cols_sc), sc)
-    residual_relu(t2, wo + 2, b2, x, kind, pad_channels, sc, out)
+    residual_relu(t2, row2, b2, x, kind, pad_channels, sc, out)
     return out
 
 
@@ -240,10 +254,12 @@ class CloudBlock:
     """``CloudBlock(w1, s1, t1, w2, s2, t2, stride, kind, pad_channels, shortcut=None)(x)``:
     weights ``[O, C, 3, 3]`` and ``[O, O, 3, 3]`` with their BN scales and shifts; kind
     ``identity``, ``zero_pad`` or ``conv1x1`` (``shortcut`` = (weight ``[O, C, 1, 1]``, scale,
-    shift) of the stride-2 1x1 conv). Buffers are kept per input shape, so an instance is not
-    for concurrent use."""
+    shift) of the stride-2 1x1 conv). ``direct=True``: the stride-1 convs whose shapes
+    :func:`~xnorcdl.kernels.directconv.supports` run as the direct conv instead of nine
+    GEMMs. Buffers are kept per input shape, so an instance is not for concurrent use."""
 
-    def __init__(self, w1, s1, t1, w2, s2, t2, stride, kind, pad_channels=0, shortcut=None):
+    def __init__(self, w1, s1, t1, w2, s2, t2, stride, kind, pad_channels=0, shortcut=None,
+                 direct=False):
         self.in_channels, self.out_channels = int(w1.shape[1]), int(w1.shape[0])
         self.stride = int(stride)
         # stride 1: nine tap matrices; stride 2: one [O, 9C] matrix for the im2col
@@ -260,6 +276,13 @@ class CloudBlock:
         self._buffers = {}
         self._sgemm = blas.sgemm()
         self._no_wsc = np.zeros((0, 1), np.float32)
+        # the direct conv's packed weights, where its 4-channel tiles fit (else empty)
+        self._no_ap = np.zeros((0, 0, directconv.ROWS), np.float32)
+        self._no_boff = np.zeros(0, np.int64)
+        direct = bool(direct) and self.out_channels % directconv.ROWS == 0
+        self.ap1 = (directconv.pack(self.w1_taps) if direct and self.stride == 1 else
+                    self._no_ap)
+        self.ap2 = directconv.pack(self.w2_taps) if direct else self._no_ap
 
     def _scratch(self, shape):
         buf = self._buffers.get(shape)
@@ -267,18 +290,26 @@ class CloudBlock:
             n, c, h, w = shape
             o, s = self.out_channels, self.stride
             ho, wo = out_size(h, 3, s, 1), out_size(w, 3, s, 1)
-            b = {"ho": ho, "wo": wo}
-            if s == 1:      # conv1 by nine shifted GEMMs: padded input, output rows of w + 2
-                b["xp"] = np.zeros((n, c, (h + 2) * (w + 2) + 2), np.float32)
+            b = {"ho": ho, "wo": wo, "boff1": self._no_boff, "boff2": self._no_boff}
+            length_in, length_t = (h + 2) * (w + 2) + 2, (ho + 2) * (wo + 2) + 2
+            direct1 = self.ap1.shape[0] > 0 and directconv.supports(o, h, w)
+            if s == 1:      # conv1 on the padded input: direct (dense rows) or nine GEMMs
+                b["xp"] = np.zeros((n, c, length_in), np.float32)
                 b["cols1"] = np.zeros((1, 1, 1), np.float32)
-                b["row1"] = wo + 2
+                b["row1"] = wo if direct1 else wo + 2
+                if direct1:
+                    b["boff1"] = directconv.offsets(c, h, w, length_in)
             else:           # conv1 by im2col: output rows of wo
                 b["xp"] = np.zeros((n, c, 1), np.float32)
                 b["cols1"] = np.empty((9 * c, n, ho * wo), np.float32)
                 b["row1"] = wo
+            direct2 = self.ap2.shape[0] > 0 and directconv.supports(o, ho, wo)
+            b["row2"] = wo if direct2 else wo + 2
+            if direct2:
+                b["boff2"] = directconv.offsets(o, ho, wo, length_t)
             b["t1"] = np.empty((o, n, ho * b["row1"]), np.float32)
-            b["tp"] = np.zeros((n, o, (ho + 2) * (wo + 2) + 2), np.float32)
-            b["t2"] = np.empty((o, n, ho * (wo + 2)), np.float32)
+            b["tp"] = np.zeros((n, o, length_t), np.float32)
+            b["t2"] = np.empty((o, n, ho * b["row2"]), np.float32)
             b["cols_sc"] = np.zeros((1, 1, 1), np.float32)      # no 1x1-conv shortcut
             b["sc"] = np.zeros((1, 1, 1), np.float32)
             if self.wsc is not None:
@@ -310,17 +341,24 @@ class CloudBlock:
             return block_chunk(self._sgemm, x, self.stride, self.kind, self.pad_channels,
                                self.w1, self.w1_taps, self.b1, self.w2_taps, self.b2, wsc,
                                b["xp"], b["cols1"], b["cols_sc"], b["t1"], b["tp"], b["t2"],
-                               b["sc"], b["row1"], ho, wo, out)
+                               b["sc"], b["row1"], ho, wo, out, self.ap1, b["boff1"],
+                               self.ap2, b["boff2"], b["row2"])
         h, w = x.shape[2:]
-        if self.stride == 1:
+        if self.stride == 1 and b["boff1"].shape[0] > 0:
+            directconv.conv3x3_into(self.ap1, b["boff1"], pad_flat(x, b["xp"]), h, w, b["t1"])
+        elif self.stride == 1:
             _taps_matmul(self.w1_taps, pad_flat(x, b["xp"]), h, w, b["t1"])
         else:
             _gemm(self.w1, im2col_pad1(x, self.stride, b["cols1"]), b["t1"])
-        _taps_matmul(self.w2_taps, relu_into_padded(b["t1"], b["row1"], ho, wo, self.b1,
-                                                    b["tp"]), ho, wo, b["t2"])
+        tp = relu_into_padded(b["t1"], b["row1"], ho, wo, self.b1, b["tp"])
+        if b["boff2"].shape[0] > 0:
+            directconv.conv3x3_into(self.ap2, b["boff2"], tp, ho, wo, b["t2"])
+        else:
+            _taps_matmul(self.w2_taps, tp, ho, wo, b["t2"])
         if self.wsc is not None:
             _gemm(self.wsc, subsample2(x, b["cols_sc"]), b["sc"])
-        residual_relu(b["t2"], wo + 2, self.b2, x, self.kind, self.pad_channels, b["sc"], out)
+        residual_relu(b["t2"], b["row2"], self.b2, x, self.kind, self.pad_channels, b["sc"],
+                      out)
         return out
 
 

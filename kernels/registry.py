@@ -62,11 +62,17 @@ def _binary_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: i
     return BinaryBlock(conv1, conv2, conv2.bn_scale, conv2.bn_shift, shortcut, pad_channels)
 
 
-def _cloud_block(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None):
+def _cloud_block(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None,
+                 direct=False):
     sc = None if shortcut_conv is None else (shortcut_conv.weight, shortcut_conv.bn_scale,
                                              shortcut_conv.bn_shift)
     return CloudBlock(conv1.weight, conv1.bn_scale, conv1.bn_shift, conv2.weight,
-                      conv2.bn_scale, conv2.bn_shift, conv1.stride, shortcut, pad_channels, sc)
+                      conv2.bn_scale, conv2.bn_shift, conv1.stride, shortcut, pad_channels, sc,
+                      direct=direct)
+
+
+def _cloud_block_direct(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None):
+    return _cloud_block(conv1, conv2, shortcut, pad_channels, shortcut_conv, direct=True)
 
 
 KERNELS: Dict[str, Kernel] = {k.name: k for k in (
@@ -88,6 +94,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
            "two binary convs and the residual in one call; BN2 and sign as integer intervals"),
     Kernel("cloud_block_folded", "cloud_block", (32,), _cloud_block, False,
            "float32 block: im2col with the padding and ReLU inline, sgemm, residual + ReLU"),
+    Kernel("cloud_block_direct", "cloud_block", (32,), _cloud_block_direct, False,
+           "float32 block: stride-1 convs as a direct 4x16 FMA tile, the rest as folded"),
     Kernel("pool_ordered_linear", "pooled_linear", (32,), PooledLinear, True,
            "exit: average pool in NumPy's order, then features summed in a fixed order"),
     Kernel("normalize_padded", "normalize", (8,), Normalize, True,

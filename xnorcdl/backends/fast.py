@@ -70,7 +70,7 @@ class _PreparedBlock:
         self.fused = None
         if not blk.edge:       # the cloud block kernel: BN folded, ReLUs in the glue passes
             c1, c2 = blk.conv1, blk.conv2
-            self.cloud = KERNELS["cloud_block_folded"].build(
+            self.cloud = KERNELS["cloud_block_direct"].build(
                 c1, c2, sc.kind, sc.pad_channels, sc.conv if sc.kind == "conv1x1" else None)
             return
         # an edge block's float shortcut conv runs unfolded, like the reference (bit-identical)

@@ -1,0 +1,169 @@
+"""A direct 3x3 stride-1 float32 conv: register-blocked FMA over the padded flat images, no GEMM.
+
+``t[o, n, y W + x] = sum_{tap, c} W'[tap, o, c] xp[n, c, off_tap + y (W+2) + x]`` with the
+input ``xp [N, C, L]`` zero-padded and flattened as in :mod:`~xnorcdl.kernels.cloudblock`
+(row width W + 2, ``off_tap = ky (W+2) + kx``), so the conv is one product of K = 9C terms
+per output, the nine taps being nine shifted views of the same rows.
+
+**The tile.** One call of :func:`_tile` computes 4 output channels x 16 output pixels (two
+8-float vectors, each a run of 8 pixels of one output row, so rows of 8, 16, 32 pixels tile
+exactly and nothing is computed past W) in eight accumulator registers: for each of the K
+terms, two vector loads of the input (at ``boff[k] = c L + off_tap`` from each run's start),
+four broadcasts of the packed weights ``ap[ob, k, 0:4]`` and eight ``vfmadd231ps``. That is
+the micro-kernel of a GEMM whose B operand is never packed: the shifted rows are read in place,
+from L1 at these sizes (64 channels of a padded 8 x 8 image are 26 KB). On AVX2 the loop runs
+8 FMAs against 7 loads per term, so it is bound by the two FMA pipes, where NumPy's OpenBLAS
+sgemm at K = 64-576 and 80-1088 columns is bound by its packing and edge tiles (1.3-1.7x
+slower on the ResNet-32 cloud convs; benchmarks/RESULTS.md).
+
+The tile is an ``@intrinsic`` that emits the loop in LLVM IR with ``<8 x float>`` values and
+``llvm.fma.v8f32``, so the accumulators are vector registers whatever LLVM's vectorizers
+decide. Each output is summed in the order k = tap C + c with one rounding per term (a fused
+multiply-add), another order than sgemm's: the result is within the bound of
+:class:`~xnorcdl.kernels.gemmconv.FloatGemmConv` (gamma_{9C+2}), not bit-identical to it.
+
+With ``NUMBA_DISABLE_JIT=1`` :data:`conv3x3_into` is the same sum in NumPy (no intrinsic can
+run in plain Python).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .jit import numba
+
+#: output channels and output pixels of one tile
+ROWS, PIXELS = 4, 16
+_LANES = 8
+
+
+def supports(out_channels: int, h: int, w: int) -> bool:
+    """Whether the tiles cover a conv with this many output channels on an h x w image
+    exactly: runs of 8 pixels inside a row, 16 pixels per tile, 4 channels per tile."""
+    return out_channels % ROWS == 0 and w % _LANES == 0 and (h * w) % PIXELS == 0
+
+
+def pack(w9: np.ndarray) -> np.ndarray:
+    """Folded 3x3 weights ``[9, O, C]`` (tap 3 ky + kx) as ``ap [O/4, 9C, 4]``,
+    ``ap[ob, tap C + c, r] = w9[tap, 4 ob + r, c]``: the four weights of a term side by side."""
+    nine, o_n, c_in = w9.shape
+    return np.ascontiguousarray(
+        np.asarray(w9, np.float32).reshape(9, o_n // ROWS, ROWS, c_in).transpose(1, 0, 3, 2)
+        .reshape(o_n // ROWS, 9 * c_in, ROWS))
+
+
+def offsets(c_in: int, h: int, w: int, length: int) -> np.ndarray:
+    """``boff[tap C + c] = c L + ky (W+2) + kx``: where term k of output pixel 0 lies in a
+    sample's padded flat images of length L."""
+    tap = np.array([(t // 3) * (w + 2) + t % 3 for t in range(9)], np.int64)
+    return np.ascontiguousarray((tap[:, None] + length * np.arange(c_in, dtype=np.int64)[None])
+                                .reshape(-1))
+
+
+@intrinsic
+def _tile(typingctx, a_addr, b0_addr, b1_addr, boff_addr, c_addr, terms, ldc):
+    """4 x 16 outputs: ``C[r ldc + 8 j + i] = sum_k A[4k + r] B_j[boff[k] + i]`` for r < 4,
+    j < 2, i < 8 (addresses as integers, ldc in floats), the sum in k order by FMA."""
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp,
+                     types.intp)
+
+    def codegen(context, builder, signature, args):
+        a, b0, b1, boff, c, terms, ldc = args
+        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+        v8 = ir.VectorType(f32, _LANES)
+        fp, vp = f32.as_pointer(), v8.as_pointer()
+        mod = builder.module
+        fma = mod.globals.get("llvm.fma.v8f32") or ir.Function(
+            mod, ir.FunctionType(v8, [v8, v8, v8]), name="llvm.fma.v8f32")
+        a_p = builder.inttoptr(a, fp)
+        b_ps = [builder.inttoptr(b, fp) for b in (b0, b1)]
+        off_p = builder.inttoptr(boff, i64.as_pointer())
+        c_p = builder.inttoptr(c, fp)
+        zero, undef = ir.Constant(v8, None), ir.Constant(v8, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
+        n_acc = 2 * ROWS
+        entry = builder.block
+        loop = builder.append_basic_block("tile.loop")
+        done = builder.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", terms, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        acc = [builder.phi(v8) for _ in range(n_acc)]
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        for x in acc:
+            x.add_incoming(zero, entry)
+        off = builder.load(builder.gep(off_p, [k]))
+        vec = [builder.load(builder.bitcast(builder.gep(b_p, [off]), vp), align=4)
+               for b_p in b_ps]
+        base = builder.mul(k, ir.Constant(i64, ROWS))
+        new = []
+        for r in range(ROWS):
+            s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
+            s8 = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
+                                        undef, splat)
+            new += [builder.call(fma, [s8, vec[j], acc[2 * r + j]]) for j in range(2)]
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        tail = builder.block
+        k.add_incoming(k_next, tail)
+        for x, y in zip(acc, new):
+            x.add_incoming(y, tail)
+        builder.cbranch(builder.icmp_signed("<", k_next, terms), loop, done)
+
+        builder.position_at_end(done)
+        out = []
+        for y in new:
+            f = builder.phi(v8)
+            f.add_incoming(zero, entry)
+            f.add_incoming(y, tail)
+            out.append(f)
+        for r in range(ROWS):
+            row = builder.gep(c_p, [builder.mul(ldc, ir.Constant(i64, r))])
+            for j in range(2):
+                dst = builder.bitcast(builder.gep(row, [ir.Constant(i64, _LANES * j)]), vp)
+                builder.store(out[2 * r + j], dst, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _conv3x3_jit(ap, boff, xp, h, w, t):
+    """:data:`conv3x3_into` by tiles: xp ``[N, C, L]``, ap ``[O/4, 9C, 4]``, boff ``[9C]``,
+    t ``[O, N, >= h w]`` (C-contiguous; row o of sample n at ``(o N + n) t.shape[2]``)."""
+    n_s = xp.shape[0]
+    o_n, q = t.shape[0], t.shape[2]
+    ldc = n_s * q
+    terms = boff.shape[0]
+    wp = w + 2
+    for n in range(n_s):
+        x0 = xp[n].ctypes.data
+        for ob in range(o_n // ROWS):
+            a = ap[ob].ctypes.data
+            for p in range(0, h * w, PIXELS):
+                b0 = x0 + 4 * ((p // w) * wp + p % w)
+                p1 = p + _LANES
+                b1 = x0 + 4 * ((p1 // w) * wp + p1 % w)
+                c = t.ctypes.data + 4 * ((ob * ROWS * n_s + n) * q + p)
+                _tile(a, b0, b1, boff.ctypes.data, c, terms, ldc)
+    return t
+
+
+def _conv3x3_numpy(ap, boff, xp, h, w, t):
+    """The same sums in NumPy (float64 products rounded once to float32: within the bound)."""
+    o_b, terms, rows = ap.shape
+    wp = w + 2
+    pix = (np.arange(h)[:, None] * wp + np.arange(w)[None]).reshape(-1)
+    weights = ap.transpose(0, 2, 1).reshape(o_b * rows, terms).astype(np.float64)
+    for n in range(xp.shape[0]):
+        cols = xp[n].reshape(-1)[boff[:, None] + pix[None]].astype(np.float64)
+        t[:, n, :h * w] = weights @ cols
+    return t
+
+
+conv3x3_into = _conv3x3_numpy if numba.config.DISABLE_JIT else _conv3x3_jit
+"""``conv3x3_into(ap, boff, xp, h, w, t)``: the stride-1 3x3 conv of every sample of the
+padded flat images xp into the dense rows of ``t [O, N, h w]`` (before its shift); the shape
+must pass :func:`supports`."""

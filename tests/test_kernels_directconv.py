@@ -1,0 +1,140 @@
+"""The direct 3x3 conv (xnorcdl/kernels/directconv.py): its packing exactly, its sums within the
+float32 bound of a 9C-term dot product, the cloud block taking it where its tiles fit, and its
+inner loop as FMA on vector registers."""
+import re
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from test_kernels_cloud import CLOUD_KERNELS, bound, conv, reference
+from xnorcdl.kernels import directconv
+
+SLOW = numba.config.DISABLE_JIT
+SETTINGS = settings(max_examples=4 if SLOW else 25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+U = 2.0 ** -24
+
+
+def padded_flat(x):
+    """x ``[N, C, H, W]`` as the zero-padded flat images ``[N, C, (H+2)(W+2) + 2]``."""
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, (h + 2) * (w + 2) + 2), np.float32)
+    xp[:, :, :(h + 2) * (w + 2)] = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).reshape(n, c, -1)
+    return xp
+
+
+# shapes the tiles cover: rows of 8 or 16 pixels, 16 pixels per tile, 4 channels per tile
+tiled = st.tuples(st.sampled_from([8, 16, 24]), st.integers(1, 6)).map(
+    lambda wh: (wh[1] * (2 if wh[0] % 16 else 1), wh[0]))
+
+
+def test_supports():
+    assert directconv.supports(16, 32, 32) and directconv.supports(64, 8, 8)
+    assert directconv.supports(4, 1, 16) and directconv.supports(8, 2, 8)
+    assert not directconv.supports(6, 8, 8)      # channels not a multiple of 4
+    assert not directconv.supports(8, 8, 12)     # rows not made of 8-pixel runs
+    assert not directconv.supports(8, 1, 8)      # 8 pixels: not a whole tile
+
+
+@given(seed=st.integers(0, 2**32 - 1), ob=st.integers(1, 4), c=st.integers(1, 9),
+       h=st.integers(1, 9), w=st.integers(1, 9))
+def test_pack_and_offsets_layout(seed, ob, c, h, w):
+    rng = np.random.default_rng(seed)
+    o = 4 * ob
+    w9 = rng.standard_normal((9, o, c)).astype(np.float32)
+    ap = directconv.pack(w9)
+    assert ap.shape == (ob, 9 * c, 4) and ap.flags.c_contiguous
+    length = (h + 2) * (w + 2) + 2
+    boff = directconv.offsets(c, h, w, length)
+    for tap in range(9):
+        for ch in range(c):
+            k = tap * c + ch
+            assert np.array_equal(ap[:, k, :].reshape(-1), w9[tap, :, ch])
+            assert boff[k] == ch * length + (tap // 3) * (w + 2) + tap % 3
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), ob=st.integers(1, 4), c=st.integers(1, 24),
+       hw=tiled, n=st.integers(1, 3))
+@example(seed=0, ob=16, c=64, hw=(8, 8), n=2)        # the last stage of ResNet-32
+def test_conv3x3_within_bound(seed, ob, c, hw, n):
+    """``|t - conv| <= gamma_{9C} sum |w| |x|`` per output (each a 9C-term dot product summed
+    by FMA, one rounding per term), against the float64 conv, for the jitted tiles and the NumPy
+    fallback alike; every output of the dense rows is written."""
+    h, w = hw
+    rng = np.random.default_rng(seed)
+    o = 4 * ob
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    w4 = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    w9 = np.ascontiguousarray(w4.transpose(2, 3, 0, 1).reshape(9, o, c))
+    xp = padded_flat(x)
+    ap, boff = directconv.pack(w9), directconv.offsets(c, h, w, xp.shape[2])
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
+    want = np.zeros((o, n, h, w))
+    mag = np.zeros((o, n, h, w))
+    for ky in range(3):
+        for kx in range(3):
+            win = xpad[:, :, ky:ky + h, kx:kx + w]
+            want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
+            mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
+                             np.abs(win))
+    k = 9 * c
+    tol = k * U / (1 - k * U) * mag + 1e-30
+    kernels = [directconv._conv3x3_numpy] + ([] if SLOW else [directconv._conv3x3_jit])
+    for fn in kernels:
+        t = np.full((o, n, h * w), np.nan, np.float32)
+        fn(ap, boff, xp, h, w, t)
+        got = t.reshape(o, n, h, w).astype(np.float64)
+        assert np.isfinite(got).all(), fn.__name__
+        assert (np.abs(got - want) <= tol).all(), fn.__name__
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), c4=st.integers(1, 6), hw=tiled, n=st.integers(1, 6),
+       kind=st.sampled_from(["identity", "zero_pad", "conv1x1"]))
+def test_cloud_block_takes_the_tiles_where_they_fit(seed, c4, hw, n, kind):
+    """At shapes the tiles cover, the direct block runs its stride-1 convs as tiles (conv1 too
+    when the block keeps its size) and stays within the block's bound of the reference."""
+    h, w = hw
+    rng = np.random.default_rng(seed)
+    c = 4 * c4
+    stride = 1 if kind == "identity" else 2
+    o = c if kind == "identity" else 2 * c
+    if stride == 2:     # the input is twice the tiled output
+        h, w = 2 * h, 2 * w
+    x = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(np.float32)
+    c1, c2 = conv(rng, o, c, 3, stride, 1), conv(rng, o, o, 3, 1, 1)
+    sc = conv(rng, o, c, 1, 2, 0) if kind == "conv1x1" else None
+    pad_channels = c // 2 if kind == "zero_pad" else 0
+    block = CLOUD_KERNELS["cloud_block_direct"].build(c1, c2, kind, pad_channels, sc)
+    got = block(x)
+    buffers = block._buffers[(min(n, 4), c, h, w)]
+    assert buffers["boff2"].shape[0] == 9 * o
+    assert buffers["boff1"].shape[0] == (9 * c if stride == 1 else 0)
+    want, t, s = reference(x, c1, c2, kind, pad_channels, sc)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert (np.abs(got.astype(np.float64) - want) <= bound(x, c1, c2, t, s, kind, sc)).all()
+
+
+@pytest.mark.skipif(SLOW, reason="needs the JIT")
+def test_tile_loop_is_fma_on_vector_registers():
+    """The tile's inner loop: eight (or an unrolled multiple of eight) ``vfmadd`` on ymm
+    registers per term, and no vector register to or from the stack inside it (the eight
+    accumulators stay in registers)."""
+    fresh = numba.njit(nogil=True)(directconv._conv3x3_jit.py_func)
+    c, o, h, w = 4, 4, 2, 8
+    xp = np.zeros((1, c, (h + 2) * (w + 2) + 2), np.float32)
+    t = np.zeros((o, 1, h * w), np.float32)
+    fresh(directconv.pack(np.zeros((9, o, c), np.float32)),
+          directconv.offsets(c, h, w, xp.shape[2]), xp, h, w, t)
+    lines = "\n".join(fresh.inspect_asm().values()).lower().splitlines()
+    fma = [i for i, line in enumerate(lines) if re.search(r"vfmadd\d+ps\s.*%ymm", line)]
+    assert len(fma) >= 8 and len(fma) % 8 == 0
+    start = fma[0]
+    while start > 0 and not re.match(r"^\S+:", lines[start]):
+        start -= 1
+    loop = lines[start:fma[-1] + 1]
+    spills = [line for line in loop if "(%rsp)" in line and "%ymm" in line]
+    assert not spills, "vector registers spilled in the tile loop"
