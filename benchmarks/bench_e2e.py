@@ -8,7 +8,10 @@ threshold; CIFAR-10 test images):
 * **main job**: Algorithm 1 (:func:`xnorcdl.engine.run`) at batch 1 over ``--images`` test
   images, per sample (the file's exit fraction decides how many go on to the cloud); the
   energy accounting ``infer`` adds once per run (about 30 ms) is not in it;
-* **hybrid, exits off, batch 32**: every sample through edge and cloud, per sample.
+* **hybrid, exits off, batch 32**: every sample through edge and cloud, per sample;
+* the main job and the exits-off run again with the cloud blocks of ``--cloud-peer`` (default
+  ``cloud_block_folded``, the nine tap sgemms per conv) in place of the fast backend's own, to
+  show what the cloud kernel is worth in the same run.
 
 Peers, built from ``weights/r32_fp.npz`` (the full-precision ResNet-32 of the same recipe),
 exported with ``torch.onnx.export``: ONNX Runtime float32 at batch 1 and 32; ONNX Runtime int8,
@@ -162,6 +165,19 @@ def _timed(f, time):
     return time.perf_counter() - t0
 
 
+def with_cloud_kernel(model, name):
+    """A fast executor whose cloud blocks are registry kernel ``name`` (the edge unchanged)."""
+    from xnorcdl.backends.fast import FastExecutor
+    from xnorcdl.kernels.registry import KERNELS
+    ex = FastExecutor(model)
+    for blk, prep in zip(model.blocks, ex.blocks):
+        if not blk.edge:
+            sc = blk.shortcut
+            prep.cloud = KERNELS[name].build(blk.conv1, blk.conv2, sc.kind, sc.pad_channels,
+                                             sc.conv if sc.kind == "conv1x1" else None)
+    return ex
+
+
 def accuracy(sess, x, labels, batch=500):
     pred = np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0].argmax(1)
                            for i in range(0, len(x), batch)])
@@ -176,7 +192,13 @@ def main(argv=None):
                     help="test images per main-job call (Algorithm 1 at batch 1)")
     ap.add_argument("--calib", type=int, default=300, help="training images for int8 calibration")
     ap.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
+    ap.add_argument("--cloud-peer", default="cloud_block_folded", metavar="KERNEL",
+                    help="cloud_block kernel of the registry timed beside the backend's own")
     args = ap.parse_args(argv)
+    from xnorcdl.kernels.registry import of_kind
+    if args.cloud_peer not in of_kind("cloud_block"):
+        ap.error(f"--cloud-peer: expected one of {', '.join(of_kind('cloud_block'))}, got "
+                 f"{args.cloud_peer!r}")
     import torch
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
@@ -193,6 +215,10 @@ def main(argv=None):
     main_imgs = test_x[:args.images]
     batch32 = test_x[:32]
     res = net.run(main_imgs)
+    peer = with_cloud_kernel(model, args.cloud_peer)
+    a = engine.run(model, batch32, fast, [0.0], 32)
+    b = engine.run(model, batch32, peer, [0.0], 32)
+    assert np.allclose(a.logits, b.logits, atol=1e-3), "the two cloud kernels disagree"
     cloud_frac = float((res.exits == xnorcdl.CLOUD).mean())
 
     def edge_path():
@@ -226,6 +252,10 @@ def main(argv=None):
             (lambda: engine.run(model, main_imgs, fast, None, 1), n_main),
         "xnorcdl hybrid, exits off (batch 32)":
             (lambda: engine.run(model, batch32, fast, [0.0], 32), 32),
+        f"xnorcdl main job, cloud by {args.cloud_peer}":
+            (lambda: engine.run(model, main_imgs, peer, None, 1), n_main),
+        f"xnorcdl hybrid, exits off (batch 32), cloud by {args.cloud_peer}":
+            (lambda: engine.run(model, batch32, peer, [0.0], 32), 32),
         "onnxruntime float32 (batch 1)": (lambda: sess.run(None, {"x": x1}), 1),
         "onnxruntime float32 (batch 32)": (lambda: sess.run(None, {"x": x32}), 32),
         "onnxruntime int8 (batch 1)": (lambda: sess8.run(None, {"x": x1}), 1),
