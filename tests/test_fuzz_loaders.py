@@ -80,6 +80,18 @@ def test_weights_byte_mutations(small, tmp_path_factory, data):
     _load(str(path))
 
 
+def test_weights_header_that_does_not_tokenize(small, tmp_path_factory):
+    """A ``.npy`` header whose dict cannot even be tokenized (``'fortran_order'{`` for
+    ``'fortran_order':``, found by the byte mutations above): NumPy raises tokenize's
+    TokenError, which must come out as the project's error naming the member."""
+    folder, raw, _, _ = small
+    at = raw.index(b"'fortran_order':", raw.index(b"conv1.weight")) + len(b"'fortran_order'")
+    path = folder / "untokenizable.npz"
+    path.write_bytes(raw[:at] + b"{" + raw[at + 1:])
+    with pytest.raises(XnorcdlError, match="damaged"):
+        load_weights(str(path))
+
+
 # ----------------------------------------------------------------------------- zip structure
 
 @FAST

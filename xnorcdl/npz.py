@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from typing import Dict, Optional, Sequence, Tuple, Type
@@ -31,7 +32,8 @@ MAX_DIRECTORY = 16 << 20
 #: what a damaged archive may raise from the zip, zlib and npy layers
 DAMAGED = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, ValueError,
            struct.error, OSError, NotImplementedError, RuntimeError, UnicodeDecodeError,
-           OverflowError, IndexError, KeyError, SyntaxError, TypeError)
+           OverflowError, IndexError, KeyError, SyntaxError, TypeError,
+           tokenize.TokenError)   # NumPy tokenizes a damaged .npy header before parsing it
 
 
 class Npz:
