@@ -178,15 +178,6 @@ def gemm_into(sgemm, w, cols, t):
 
 
 @numba.njit(cache=True, nogil=True)
-def tap_offsets(w):
-    """Where tap t = 3 ky + kx of output column 0 lies in a padded flat image of width w + 2."""
-    offs = np.empty(9, np.int64)
-    for t in range(9):
-        offs[t] = (t // 3) * (w + 2) + t % 3
-    return offs
-
-
-@numba.njit(cache=True, nogil=True)
 def taps_gemm_into(sgemm, w9, xp, h, w, t):
     """``t[o, n, oy (w+2) + ox] = sum_tap sum_c w9[tap, o, c] xp[n, c, off_tap + oy (w+2) +
     ox]`` (a stride-1 3x3 conv, before its shift): per sample, nine sgemm calls on the padded
@@ -195,7 +186,7 @@ def taps_gemm_into(sgemm, w9, xp, h, w, t):
     o_n = w9.shape[1]
     q = h * (w + 2)
     ld = n_s * t.shape[2]
-    offs = tap_offsets(w)
+    offs = directconv.tap_offsets(w)
     for n in range(n_s):
         for tap in range(9):
             sgemm(blas.ROW_MAJOR, blas.NO_TRANS, blas.NO_TRANS, o_n, q, c_in, np.float32(1.0),
@@ -373,7 +364,7 @@ def _taps_matmul(w9, xp, h, w, t):
     """:func:`taps_gemm_into` through ``np.matmul``: ``t = W'_0 xp_0``, then ``t += W'_tap
     xp_tap`` (sgemm's beta = 1 adds each product to t with one rounding, as here)."""
     q = h * (w + 2)
-    offs = tap_offsets(w)
+    offs = directconv.tap_offsets(w)
     for n in range(xp.shape[0]):
         dst = t[:, n, :q]
         np.matmul(w9[0], xp[n, :, offs[0]:offs[0] + q], out=dst)

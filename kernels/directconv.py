@@ -54,10 +54,20 @@ def pack(w9: np.ndarray) -> np.ndarray:
         .reshape(o_n // ROWS, 9 * c_in, ROWS))
 
 
+@numba.njit(cache=True, nogil=True)
+def tap_offsets(w):
+    """Where tap t = 3 ky + kx of output column 0 lies in a padded flat image of width w + 2
+    (the layout of :mod:`~xnorcdl.kernels.cloudblock`)."""
+    offs = np.empty(9, np.int64)
+    for t in range(9):
+        offs[t] = (t // 3) * (w + 2) + t % 3
+    return offs
+
+
 def offsets(c_in: int, h: int, w: int, length: int) -> np.ndarray:
     """``boff[tap C + c] = c L + ky (W+2) + kx``: where term k of output pixel 0 lies in a
     sample's padded flat images of length L."""
-    tap = np.array([(t // 3) * (w + 2) + t % 3 for t in range(9)], np.int64)
+    tap = tap_offsets(w)
     return np.ascontiguousarray((tap[:, None] + length * np.arange(c_in, dtype=np.int64)[None])
                                 .reshape(-1))
 
