@@ -11,7 +11,10 @@ threshold; CIFAR-10 test images):
 * **hybrid, exits off, batch 32**: every sample through edge and cloud, per sample;
 * the main job and the exits-off run again with the cloud blocks of ``--cloud-peer`` (default
   ``cloud_block_folded``, the nine tap sgemms per conv) in place of the fast backend's own, to
-  show what the cloud kernel is worth in the same run.
+  show what the cloud kernel is worth in the same run;
+* the edge path and the main job again with the binary blocks of ``--edge-peer`` (default: the
+  binary_block kernel the backend does not use here, ``binary_block_fused`` popcounts or
+  ``binary_block_nibble`` tables) in the edge program, the same bits (checked).
 
 Peers, built from ``weights/r32_fp.npz`` (the full-precision ResNet-32 of the same recipe),
 exported with ``torch.onnx.export``: ONNX Runtime float32 at batch 1 and 32; ONNX Runtime int8,
@@ -178,6 +181,20 @@ def with_cloud_kernel(model, name):
     return ex
 
 
+def with_edge_kernel(model, name):
+    """A fast executor whose binary edge blocks are registry kernel ``name``, its edge program
+    rebuilt (the cloud unchanged)."""
+    from xnorcdl.backends.fast import FastExecutor
+    from xnorcdl.kernels.registry import KERNELS
+    ex = FastExecutor(model)
+    for blk, prep in zip(model.blocks, ex.blocks):
+        if prep.fused is not None:
+            sc = blk.shortcut
+            prep.fused = KERNELS[name].build(prep.conv1, prep.conv2, sc.kind, sc.pad_channels)
+    ex.program = ex._edge_program()
+    return ex
+
+
 def accuracy(sess, x, labels, batch=500):
     pred = np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0].argmax(1)
                            for i in range(0, len(x), batch)])
@@ -194,8 +211,18 @@ def main(argv=None):
     ap.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
     ap.add_argument("--cloud-peer", default="cloud_block_folded", metavar="KERNEL",
                     help="cloud_block kernel of the registry timed beside the backend's own")
+    ap.add_argument("--edge-peer", default=None, metavar="KERNEL",
+                    help="binary_block kernel of the registry timed beside the backend's own "
+                         "(default: the other of binary_block_fused / binary_block_nibble)")
     args = ap.parse_args(argv)
-    from xnorcdl.kernels.registry import of_kind
+    from xnorcdl.kernels.registry import binary_block_kernel, of_kind
+    own_edge = binary_block_kernel().name
+    if args.edge_peer is None:
+        args.edge_peer = ("binary_block_fused" if own_edge == "binary_block_nibble"
+                          else "binary_block_nibble")
+    if args.edge_peer not in of_kind("binary_block"):
+        ap.error(f"--edge-peer: expected one of {', '.join(of_kind('binary_block'))}, got "
+                 f"{args.edge_peer!r}")
     if args.cloud_peer not in of_kind("cloud_block"):
         ap.error(f"--cloud-peer: expected one of {', '.join(of_kind('cloud_block'))}, got "
                  f"{args.cloud_peer!r}")
@@ -220,9 +247,12 @@ def main(argv=None):
     b = engine.run(model, batch32, peer, [0.0], 32)
     assert np.allclose(a.logits, b.logits, atol=1e-3), "the two cloud kernels disagree"
     cloud_frac = float((res.exits == xnorcdl.CLOUD).mean())
+    epeer = with_edge_kernel(model, args.edge_peer)
+    (xa, la), (xb, lb) = (ex.segment(batch32, None, 0, n_edge, 0) for ex in (fast, epeer))
+    assert np.array_equal(xa, xb) and np.array_equal(la, lb), "the two edge kernels disagree"
 
-    def edge_path():
-        _, logits = fast.segment(one, None, 0, n_edge, 0)
+    def edge_path(ex=fast):
+        _, logits = ex.segment(one, None, 0, n_edge, 0)
         return engine.entropy(logits)
 
     fp_spec, fp_arrays = load_weights(os.path.join(ROOT, "weights", "r32_fp.npz"))
@@ -252,6 +282,10 @@ def main(argv=None):
             (lambda: engine.run(model, main_imgs, fast, None, 1), n_main),
         "xnorcdl hybrid, exits off (batch 32)":
             (lambda: engine.run(model, batch32, fast, [0.0], 32), 32),
+        f"xnorcdl edge path (batch 1), blocks by {args.edge_peer}":
+            (lambda: edge_path(epeer), 1),
+        f"xnorcdl main job, edge blocks by {args.edge_peer}":
+            (lambda: engine.run(model, main_imgs, epeer, None, 1), n_main),
         f"xnorcdl main job, cloud by {args.cloud_peer}":
             (lambda: engine.run(model, main_imgs, peer, None, 1), n_main),
         f"xnorcdl hybrid, exits off (batch 32), cloud by {args.cloud_peer}":
@@ -266,7 +300,8 @@ def main(argv=None):
     info = common.machine()
     import onnxruntime as ort
     print(f"config: repeat={args.repeat} images={n_main} calib={args.calib} "
-          f"onnxruntime={ort.__version__} torch={torch.__version__}")
+          f"onnxruntime={ort.__version__} torch={torch.__version__} "
+          f"edge blocks={own_edge}")
     print(f"machine: {info}")
     times = {}
     for group in ([k for k in fns if fns[k][1] == 1], [k for k in fns if fns[k][1] > 1]):
@@ -306,7 +341,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"machine": info, "repeat": args.repeat, "times_s": times,
                        "per_sample_s": per, "accuracy": acc, "cloud_fraction": cloud_frac,
-                       "napkin": napkin}, f, indent=1)
+                       "napkin": napkin, "edge_blocks": own_edge,
+                       "edge_peer": args.edge_peer, "cloud_peer": args.cloud_peer}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 Calling each edge kernel from Python costs a few microseconds per layer (argument checks,
 dispatch, temporaries), about a third of the edge path at batch 1. Here the layers of the edge
 (normalization + stem, binary blocks, k-bit convs, shortcut additions, exits) are rows of an
-``int64`` table ``meta [n_ops, FIELDS]``, their parameters slices of five flat pools (float32,
-float64, uint64, int32, int16), and :func:`run_program` runs rows ``first .. stop-1`` for every sample of
-a batch in one call, on three activation buffers and one work buffer allocated once per
-program. The table and the pools have the same types for every network, so one compiled
+``int64`` table ``meta [n_ops, FIELDS]``, their parameters slices of six flat pools (float32,
+float64, uint64, int32, int16, uint8), and :func:`run_program` runs rows ``first .. stop-1``
+for every sample of a batch in one call, on three activation buffers and work buffers (float32,
+uint8 nibble planes, int16 counts) allocated once per program. The table and the pools have the same types for every network, so one compiled
 (cached) version serves every weights file.
 
 Every row calls the jitted kernel the per-layer path calls (:mod:`~xnorcdl.kernels.binaryblock`,
@@ -23,6 +23,9 @@ Rows (field 0 is the opcode; ``src``/``dst`` name one of the three activation bu
                im2col) -> BN -> ReLU, into dst
 ``BINARY``     a fused binary block (``binary_block_forward``); a 1x1-conv shortcut is computed
                first, in the fixed order, into the work buffer
+``NIBBLE``     the same block by nibble tables (``nibble_block_forward``, stride 1); each
+               geometry's nibble planes have their own region of the uint8 work buffer, so
+               their padding bytes, zeroed once, stay 0
 ``QUANT``      one k-bit conv, bit planes (``bitconv_forward``) or direct int16 codes
                (``codeconv_forward``), src -> dst
 ``ADD``        dst += shortcut(x) of a k-bit block (identity, zero-pad, fixed-order 1x1 conv)
@@ -34,6 +37,8 @@ from __future__ import annotations
 import numpy as np
 
 from .binaryblock import binary_block_forward
+from .nibbleblock import NibbleBlock, nibble_block_forward
+from .nibbleconv import TILE
 from .bitconv import bitconv_forward
 from .codeconv import codeconv_forward, phase_geometry
 from .exits import avg_pool_flat
@@ -43,8 +48,9 @@ from .normalize import normalize_into
 from .ordered import ordered_conv3x3, ordered_gemm, ordered_linear
 from .quantize import batchnorm
 
-STEM, BINARY, QUANT, ADD, EXIT = 1, 2, 3, 4, 5
-FIELDS = 32
+STEM, BINARY, QUANT, ADD, EXIT, NIBBLE = 1, 2, 3, 4, 5, 6
+_POOLS = (np.float32, np.float64, np.uint64, np.int32, np.int16, np.uint8)
+FIELDS = 40
 # common fields
 OP, SRC, DST, C_IN, H, W, O_N, HO, WO, STRIDE = range(10)
 # per-op fields from 10 on (offsets are element offsets into a pool)
@@ -79,14 +85,14 @@ def _ordered_conv(x, f32, wk, m, o, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def run_program(meta, f32, f64, u64, i32, i16, first, stop, images, x_in, x_out, logits, bufs,
-                wk):
+def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_out, logits,
+                bufs, wk, wk8, wk16):
     """Rows ``first .. stop-1`` of ``meta`` for each sample n.
 
     The input is ``images[n]`` (uint8) when row ``first`` is a STEM, else ``x_in[n]`` (float32,
     the src of row ``first``); the dst of row ``stop - 1`` (the last row that is not an EXIT) is
-    copied to ``x_out[n]``; EXIT rows write ``logits[n, slot]``. ``bufs [3, L]`` and ``wk`` are
-    the program's scratch (so a program is not for concurrent use)."""
+    copied to ``x_out[n]``; EXIT rows write ``logits[n, slot]``. ``bufs [3, L]``, ``wk``,
+    ``wk8`` and ``wk16`` are the program's scratch (so a program is not for concurrent use)."""
     n_s = x_out.shape[0]
     last = stop - 1
     while meta[last, OP] == EXIT:
@@ -139,6 +145,31 @@ def run_program(meta, f32, f64, u64, i32, i16, first, stop, images, x_in, x_out,
                     u64[m[F0 + 9]:m[F0 + 9] + o_n * 3 * rw2].reshape(o_n, 1, 3, rw2),
                     _f32(f32, m[F0 + 11], o_n * p_n).reshape(o_n, p_n),
                     _f32(f32, m[F0 + 12], o_n), kind, m[F0 + 1], given, y)
+            elif op == NIBBLE:
+                # fields: kind, off_bn1s, off_bn1t, off_lut1, terms1, off_offs1, off_base1, off_lo,
+                # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, off_valid, off_xn1,
+                # n_xn1, off_xn2, n_xn2, then the shortcut conv (6 fields)
+                kind, t1, t2 = m[F0], m[F0 + 4], m[F0 + 10]
+                wp = w + 2
+                q_n = (h * wp + TILE - 1) // TILE * TILE
+                given = bufs[3 - m[SRC] - m[DST], :o_n * h * w].reshape(1, o_n, h, w)
+                if kind == 2:
+                    _ordered_conv(x, f32, wk, m, F0 + 19, given)
+                else:
+                    given = x
+                nibble_block_forward(
+                    x, _f32(f32, m[F0 + 1], c_in), _f32(f32, m[F0 + 2], c_in),
+                    u8[m[F0 + 3]:m[F0 + 3] + o_n * t1 * 16].reshape(o_n // 4, t1, 4, 16),
+                    i32[m[F0 + 5]:m[F0 + 5] + t1],
+                    i32[m[F0 + 6]:m[F0 + 6] + o_n * q_n].reshape(o_n, q_n),
+                    i32[m[F0 + 7]:m[F0 + 7] + o_n], i32[m[F0 + 8]:m[F0 + 8] + o_n],
+                    u8[m[F0 + 9]:m[F0 + 9] + o_n * t2 * 16].reshape(o_n // 4, t2, 4, 16),
+                    i32[m[F0 + 11]:m[F0 + 11] + t2],
+                    _f32(f32, m[F0 + 12], o_n * q_n).reshape(o_n, q_n),
+                    _f32(f32, m[F0 + 13], o_n), u8[m[F0 + 14]:m[F0 + 14] + h * wp],
+                    kind, given, wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
+                    wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]],
+                    wk16[:o_n * q_n].reshape(o_n, q_n), y)
             elif op == QUANT:
                 # fields: kernel (0 planes, 1 direct), bits, off_bns, off_bnt, off_scale, off_v0 (f64),
                 # planes: off_wp, rw, off_base; direct: off_w9, hq, wq, off_offs, src_len
@@ -197,9 +228,11 @@ class EdgeProgram:
 
     def __init__(self):
         self._rows = []
-        self._pools = {t: [] for t in (np.float32, np.float64, np.uint64, np.int32, np.int16)}
+        self._pools = {t: [] for t in _POOLS}
         self._sizes = dict.fromkeys(self._pools, 0)
-        self._act, self._work = 1, 1
+        self._act, self._work, self._work16 = 1, 1, 1
+        self._planes = {}          # (role, C, H, W) -> (offset, length) in the uint8 work buffer
+        self._work8 = 0
         self.cur = 0
         self.exits = 0
 
@@ -237,7 +270,20 @@ class EdgeProgram:
         self.cur = 0
         return self._row(STEM, 0, 0, c, h, w, o_n, ho, wo, conv.stride, fields)
 
+    def _plane_region(self, role, c, h, w, n) -> int:
+        key = (role, c, h, w)
+        if key not in self._planes:
+            self._planes[key] = (self._work8, n)
+            self._work8 += n
+        return self._planes[key][0]
+
     def add_binary_block(self, block, shortcut_conv, in_shape) -> int:
+        """A binary block: a NIBBLE row for a :class:`NibbleBlock` that applies to it, else a
+        BINARY row of the popcount block."""
+        if isinstance(block, NibbleBlock):
+            if block.applies:
+                return self._add_nibble_block(block, shortcut_conv, in_shape)
+            block = block.block
         c, h, w = in_shape
         c1, c2 = block.conv1, block.conv2
         ho, wo, base1, base2 = block._planes(h, w)
@@ -252,6 +298,29 @@ class EdgeProgram:
             self._conv_work(c, h, w, shortcut_conv, ho, wo)
         self.cur = dst
         return self._row(BINARY, src, dst, c, h, w, c1.out_channels, ho, wo, c1.stride, fields)
+
+    def _add_nibble_block(self, nb, shortcut_conv, in_shape) -> int:
+        c, h, w = in_shape
+        b = nb.block
+        c1, c2 = b.conv1, b.conv2
+        o_n = c1.out_channels
+        offs1, offs2, base1, base2, valid = nb.prepared(h, w)
+        n1, n2, n_acc = nb.scratch_sizes(h, w)
+        src, dst = self.cur, (self.cur + 1) % 3
+        fields = [nb.kind, self._put(c1.bn_scale, np.float32), self._put(c1.bn_shift, np.float32),
+                  self._put(nb.lut1, np.uint8), len(offs1), self._put(offs1, np.int32),
+                  self._put(base1, np.int32), self._put(b.lo, np.int32),
+                  self._put(b.hi, np.int32), self._put(nb.lut2, np.uint8), len(offs2),
+                  self._put(offs2, np.int32), self._put(base2, np.float32),
+                  self._put(c2.out_scale, np.float32), self._put(valid, np.uint8),
+                  self._plane_region(0, c, h, w, n1), n1,
+                  self._plane_region(1, o_n, h, w, n2), n2]
+        if shortcut_conv is not None:
+            fields += self._conv_fields(shortcut_conv, False)
+            self._conv_work(c, h, w, shortcut_conv, h, w)
+        self._work16 = max(self._work16, n_acc)
+        self.cur = dst
+        return self._row(NIBBLE, src, dst, c, h, w, o_n, h, w, 1, fields)
 
     def add_quant_conv(self, conv, in_shape, src, dst) -> int:
         """A k-bit conv: a bit-plane :class:`~xnorcdl.kernels.bitconv.BitConv` or a
@@ -300,10 +369,12 @@ class EdgeProgram:
     def finish(self) -> "EdgeProgram":
         self.meta = np.array(self._rows, np.int64).reshape(-1, FIELDS)
         pools = [np.concatenate(self._pools[t]) if self._pools[t] else np.zeros(1, t)
-                 for t in (np.float32, np.float64, np.uint64, np.int32, np.int16)]
-        self.f32, self.f64, self.u64, self.i32, self.i16 = pools
+                 for t in _POOLS]
+        self.f32, self.f64, self.u64, self.i32, self.i16, self.u8 = pools
         self.bufs = np.zeros((3, self._act), np.float32)
         self.wk = np.zeros(self._work, np.float32)
+        self.wk8 = np.zeros(max(1, self._work8), np.uint8)     # nibble planes: padding stays 0
+        self.wk16 = np.zeros(self._work16, np.int16)
         self._shapes = {}
         self._no_images = np.zeros((1, 1, 1, 1), np.uint8)    # the input run() was not given
         self._no_x = np.zeros((1, 1, 1, 1), np.float32)
@@ -324,7 +395,8 @@ class EdgeProgram:
         n = len(images) if images is not None else len(x)
         out = np.empty((n,) + self.output_shape(stop), np.float32)
         logits = np.zeros((n, max(1, self.exits), getattr(self, "classes", 1)), np.float32)
-        run_program(self.meta, self.f32, self.f64, self.u64, self.i32, self.i16, first, stop,
-                    self._no_images if images is None else images,
-                    self._no_x if x is None else x, out, logits, self.bufs, self.wk)
+        run_program(self.meta, self.f32, self.f64, self.u64, self.i32, self.i16, self.u8, first,
+                    stop, self._no_images if images is None else images,
+                    self._no_x if x is None else x, out, logits, self.bufs, self.wk, self.wk8,
+                    self.wk16)
         return out, logits

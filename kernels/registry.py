@@ -41,6 +41,8 @@ from .cloudblock import CloudBlock
 from .codeconv import CodeConv
 from .exits import PooledLinear
 from .gemmconv import CodeGemmConv, FloatGemmConv
+from .nibbleblock import NibbleBlock
+from .nibbleconv import NibbleConv, preferred
 from .normalize import Normalize
 from .shapes import out_size
 
@@ -62,6 +64,10 @@ def _binary_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: i
     return BinaryBlock(conv1, conv2, conv2.bn_scale, conv2.bn_shift, shortcut, pad_channels)
 
 
+def _nibble_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: int):
+    return NibbleBlock(_binary_block(conv1, conv2, shortcut, pad_channels))
+
+
 def _cloud_block(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None,
                  direct=False):
     sc = None if shortcut_conv is None else (shortcut_conv.weight, shortcut_conv.bn_scale,
@@ -78,6 +84,8 @@ def _cloud_block_direct(conv1, conv2, shortcut: str, pad_channels: int, shortcut
 KERNELS: Dict[str, Kernel] = {k.name: k for k in (
     Kernel("xnor_popcount", "quant_conv", (1,), BitConv, True,
            "binary: bit-im2col by kernel rows, K - 2 popcount(a XOR w), padding correction"),
+    Kernel("xnor_nibble_lut", "quant_conv", (1,), NibbleConv, True,
+           "binary, stride 1: 4-channel nibbles looked up in popcount tables (vpshufb)"),
     Kernel("bitplane_popcount", "quant_conv", (2, 4), BitConv, True,
            "k-bit as sign planes: sum 2^(i+j) (K - 2 popcount(A_i XOR W_j)), same kernel"),
     Kernel("direct_int16", "quant_conv", (2, 4), CodeConv, True,
@@ -92,6 +100,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
            "float32 im2col + taps summed in a fixed order (the edge's float convs), then BN"),
     Kernel("binary_block_fused", "binary_block", (1,), _binary_block, True,
            "two binary convs and the residual in one call; BN2 and sign as integer intervals"),
+    Kernel("binary_block_nibble", "binary_block", (1,), _nibble_block, True,
+           "the fused block by nibble tables where stride 1 and channels % 4 == 0"),
     Kernel("cloud_block_folded", "cloud_block", (32,), _cloud_block, False,
            "float32 block: im2col with the padding and ReLU inline, sgemm, residual + ReLU"),
     Kernel("cloud_block_direct", "cloud_block", (32,), _cloud_block_direct, False,
@@ -134,6 +144,12 @@ def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int], stride: int = 1)
     if bits == 4:
         return KERNELS["direct_int16" if out_pixels >= 256 else "gemm_codes_blas"]
     raise ValueError(f"bits: expected 1, 2 or 4, got {bits!r}")
+
+
+def binary_block_kernel() -> Kernel:
+    """The fast backend's binary block: by nibble tables on AVX2 targets without AVX-512
+    VPOPCNTDQ (:func:`~xnorcdl.kernels.nibbleconv.preferred`), else by popcounts."""
+    return KERNELS["binary_block_nibble" if preferred() else "binary_block_fused"]
 
 
 def float_kernel_for(exact: bool) -> Kernel:

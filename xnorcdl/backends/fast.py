@@ -27,7 +27,7 @@ from ..kernels.bitconv import BitConv
 from ..kernels.codeconv import CodeConv
 from ..kernels.edgeprogram import EdgeProgram
 from ..kernels.gemmconv import CodeGemmConv
-from ..kernels.registry import KERNELS, float_kernel_for, quant_kernel_for
+from ..kernels.registry import KERNELS, binary_block_kernel, float_kernel_for, quant_kernel_for
 from ..kernels.shapes import out_size
 from ..model import Block, FloatConv, Model, QuantConv
 from ..spec import IMAGE_SHAPE
@@ -77,8 +77,8 @@ class _PreparedBlock:
         self.shortcut_conv = _float_conv(sc.conv, exact=True) if sc.kind == "conv1x1" else None
         # two binary convs: the fused block kernel (one call, conv1's output never leaves bits)
         if blk.edge and isinstance(self.conv1, BitConv) and self.conv1.bits == 1:
-            self.fused = KERNELS["binary_block_fused"].build(self.conv1, self.conv2, sc.kind,
-                                                             sc.pad_channels)
+            self.fused = binary_block_kernel().build(self.conv1, self.conv2, sc.kind,
+                                                     sc.pad_channels)
 
     def add_shortcut(self, t: np.ndarray, x: np.ndarray) -> np.ndarray:
         """t += shortcut(x), in place (float32 additions, as the reference's ``t + shortcut``),
