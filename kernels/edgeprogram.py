@@ -148,28 +148,31 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
             elif op == NIBBLE:
                 # fields: kind, off_bn1s, off_bn1t, off_lut1, terms1, off_offs1, off_base1, off_lo,
                 # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, off_valid, off_xn1,
-                # n_xn1, off_xn2, n_xn2, then the shortcut conv (6 fields)
+                # n_xn1, off_xn2, n_xn2, off_tmp8, then the shortcut conv (6 fields); base1,
+                # lo, hi are int16
+                # (wk[:Q] is free here: the shortcut conv has written its output to given)
                 kind, t1, t2 = m[F0], m[F0 + 4], m[F0 + 10]
                 wp = w + 2
                 q_n = (h * wp + TILE - 1) // TILE * TILE
                 given = bufs[3 - m[SRC] - m[DST], :o_n * h * w].reshape(1, o_n, h, w)
                 if kind == 2:
-                    _ordered_conv(x, f32, wk, m, F0 + 19, given)
+                    _ordered_conv(x, f32, wk, m, F0 + 20, given)
                 else:
                     given = x
                 nibble_block_forward(
                     x, _f32(f32, m[F0 + 1], c_in), _f32(f32, m[F0 + 2], c_in),
                     u8[m[F0 + 3]:m[F0 + 3] + o_n * t1 * 16].reshape(o_n // 4, t1, 4, 16),
                     i32[m[F0 + 5]:m[F0 + 5] + t1],
-                    i32[m[F0 + 6]:m[F0 + 6] + o_n * q_n].reshape(o_n, q_n),
-                    i32[m[F0 + 7]:m[F0 + 7] + o_n], i32[m[F0 + 8]:m[F0 + 8] + o_n],
+                    i16[m[F0 + 6]:m[F0 + 6] + o_n * q_n].reshape(o_n, q_n),
+                    i16[m[F0 + 7]:m[F0 + 7] + o_n], i16[m[F0 + 8]:m[F0 + 8] + o_n],
                     u8[m[F0 + 9]:m[F0 + 9] + o_n * t2 * 16].reshape(o_n // 4, t2, 4, 16),
                     i32[m[F0 + 11]:m[F0 + 11] + t2],
                     _f32(f32, m[F0 + 12], o_n * q_n).reshape(o_n, q_n),
                     _f32(f32, m[F0 + 13], o_n), u8[m[F0 + 14]:m[F0 + 14] + h * wp],
                     kind, given, wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
                     wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]],
-                    wk16[:o_n * q_n].reshape(o_n, q_n), y)
+                    wk16[:o_n * q_n].reshape(o_n, q_n), wk8[m[F0 + 19]:m[F0 + 19] + h * w],
+                    wk[:q_n], y)
             elif op == QUANT:
                 # fields: kernel (0 planes, 1 direct), bits, off_bns, off_bnt, off_scale, off_v0 (f64),
                 # planes: off_wp, rw, off_base; direct: off_w9, hq, wq, off_offs, src_len
@@ -309,16 +312,18 @@ class EdgeProgram:
         src, dst = self.cur, (self.cur + 1) % 3
         fields = [nb.kind, self._put(c1.bn_scale, np.float32), self._put(c1.bn_shift, np.float32),
                   self._put(nb.lut1, np.uint8), len(offs1), self._put(offs1, np.int32),
-                  self._put(base1, np.int32), self._put(b.lo, np.int32),
-                  self._put(b.hi, np.int32), self._put(nb.lut2, np.uint8), len(offs2),
+                  self._put(base1, np.int16), self._put(nb.lo, np.int16),
+                  self._put(nb.hi, np.int16), self._put(nb.lut2, np.uint8), len(offs2),
                   self._put(offs2, np.int32), self._put(base2, np.float32),
                   self._put(c2.out_scale, np.float32), self._put(valid, np.uint8),
                   self._plane_region(0, c, h, w, n1), n1,
-                  self._plane_region(1, o_n, h, w, n2), n2]
+                  self._plane_region(1, o_n, h, w, n2), n2,
+                  self._plane_region(2, 0, h, w, h * w)]
         if shortcut_conv is not None:
             fields += self._conv_fields(shortcut_conv, False)
             self._conv_work(c, h, w, shortcut_conv, h, w)
         self._work16 = max(self._work16, n_acc)
+        self._work = max(self._work, n_acc // o_n)          # the float32 row of the epilogue
         self.cur = dst
         return self._row(NIBBLE, src, dst, c, h, w, o_n, h, w, 1, fields)
 

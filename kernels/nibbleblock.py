@@ -31,7 +31,8 @@ from .nibbleconv import (geometry, nibble_counts, pack_nibbles, plane_bytes, sup
 @numba.njit(cache=True, nogil=True)
 def sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn):
     """Step 3: bit r of byte ``xn[g Lp + Wp + 1 + q]`` = ``lo[o] <= base1[o, q] - 2 acc[o, q]
-    <= hi[o]`` for o = 4g + r, over the H Wp outputs of ``valid``."""
+    <= hi[o]`` for o = 4g + r, over the H Wp outputs of ``valid``. All in int16 (|A1| <= 9C
+    < 2^15), so the loop runs 16 lanes to an AVX2 vector."""
     hq = valid.shape[0]
     for g in range(acc.shape[0] // 4):
         o = 4 * g
@@ -41,12 +42,11 @@ def sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn):
         b0, b1, b2, b3 = base1[o], base1[o + 1], base1[o + 2], base1[o + 3]
         l0, l1, l2, l3 = lo[o], lo[o + 1], lo[o + 2], lo[o + 3]
         h0, h1, h2, h3 = hi[o], hi[o + 1], hi[o + 2], hi[o + 3]
-        two = np.int32(2)
         for q in range(hq):
-            v0 = b0[q] - two * np.int32(a0[q])
-            v1 = b1[q] - two * np.int32(a1[q])
-            v2 = b2[q] - two * np.int32(a2[q])
-            v3 = b3[q] - two * np.int32(a3[q])
+            v0 = np.int16(b0[q] - a0[q] - a0[q])
+            v1 = np.int16(b1[q] - a1[q] - a1[q])
+            v2 = np.int16(b2[q] - a2[q] - a2[q])
+            v3 = np.int16(b3[q] - a3[q] - a3[q])
             byte = (np.uint8((v0 >= l0) & (v0 <= h0))
                     | (np.uint8((v1 >= l1) & (v1 <= h1)) << np.uint8(1))
                     | (np.uint8((v2 >= l2) & (v2 <= h2)) << np.uint8(2))
@@ -57,34 +57,41 @@ def sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn):
 
 @numba.njit(cache=True, nogil=True)
 def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, lut2, offs2,
-                         base2, s2, valid, shortcut_kind, given, xn1, xn2, acc, out):
+                         base2, s2, valid, shortcut_kind, given, xn1, xn2, acc, tmp8, tmp32,
+                         out):
     """One stride-1 binary block per sample of x ``[N, C, H, W]`` into out ``[N, O, H, W]``.
 
     lut1/lut2, offs1/offs2: tables and term offsets of the two convs
     (:func:`~xnorcdl.kernels.nibbleconv.weight_tables`, :func:`~xnorcdl.kernels.nibbleconv.term_offsets`);
-    base1 int32 / base2 float32 ``[O, Q]``: the base planes in padded rows; xn1, xn2: nibble
-    planes of C and O channels whose padding bytes are 0 (scratch; interiors overwritten);
-    acc int16 ``[O, Q]`` scratch; given ``[N, O, H, W]`` the shortcut when shortcut_kind is
-    GIVEN, else x is added (identity)."""
+    base1 int16 / base2 float32 ``[O, Q]``: the base planes in padded rows; lo, hi int16;
+    xn1, xn2: nibble planes of C and O channels whose padding bytes are 0 (scratch; interiors
+    overwritten); acc int16 ``[O, Q]``, tmp8 uint8 ``[H W]`` and tmp32 float32 ``[Q]`` scratch;
+    given ``[N, O, H, W]`` the shortcut when shortcut_kind is GIVEN, else x is added
+    (identity)."""
     n_s, c_in, h, w = x.shape
     o_n = out.shape[1]
     wp = w + 2
     lp = (h + 2) * wp
+    hq = h * wp
     two = np.float32(2.0)
     for n in range(n_s):
-        pack_nibbles(x[n], bn1_scale, bn1_shift, wp, lp, xn1)
+        pack_nibbles(x[n], bn1_scale, bn1_shift, wp, lp, xn1, tmp8)
         nibble_counts(lut1, xn1, offs1, acc)
         sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn2)
         nibble_counts(lut2, xn2, offs2, acc)
         src = given[n] if shortcut_kind == GIVEN else x[n]
         for o in range(o_n):
             ac, bo, s = acc[o], base2[o], s2[o]
+            for q in range(hq):          # the padded rows in one flat loop, then row by row
+                tmp32[q] = (bo[q] - two * np.float32(ac[q])) * s
+            d = out[n, o].reshape(h * w)
+            r = src[o].reshape(h * w)
             for y in range(h):
-                d = out[n, o, y]
-                r = src[o, y]
-                q0 = y * wp
+                q0 = np.uint64(y * wp)   # unsigned indices vectorize
+                p0 = np.uint64(y * w)
                 for i in range(w):
-                    d[i] = (bo[q0 + i] - two * np.float32(ac[q0 + i])) * s + r[i]
+                    u = np.uint64(i)
+                    d[p0 + u] = tmp32[q0 + u] + r[p0 + u]
     return out
 
 
@@ -102,17 +109,20 @@ class NibbleBlock:
                         and block.kind in (IDENTITY, GIVEN))
         if self.applies:
             self.lut1, self.lut2 = weight_tables(c1.w_codes), weight_tables(c2.w_codes)
+            # the intervals in int16 (|A1| <= 9C < 2^15: the clip changes nothing)
+            self.lo, self.hi = (np.clip(v, -2**15, 2**15 - 1).astype(np.int16)
+                                for v in (block.lo, block.hi))
         self._geo = {}
 
     def prepared(self, h: int, w: int):
-        """(offs1, offs2, base1 int32 [O, Q], base2 float32 [O, Q], valid) for h x w inputs."""
+        """(offs1, offs2, base1 int16 [O, Q], base2 float32 [O, Q], valid) for h x w inputs."""
         geo = self._geo.get((h, w))
         if geo is None:
             b = self.block
             _, _, base1, base2 = b._planes(h, w)
             geo = self._geo[(h, w)] = (
                 term_offsets(b.conv1.in_channels, h, w), term_offsets(b.conv2.in_channels, h, w),
-                to_padded_rows(base1, h, w).astype(np.int32), to_padded_rows(base2, h, w),
+                to_padded_rows(base1, h, w).astype(np.int16), to_padded_rows(base2, h, w),
                 valid_mask(h, w))
         return geo
 
@@ -140,7 +150,9 @@ class NibbleBlock:
         offs1, offs2, base1, base2, valid = self.prepared(h, w)
         n1, n2, n_acc = self.scratch_sizes(h, w)
         xn1, xn2 = np.zeros(n1, np.uint8), np.zeros(n2, np.uint8)
-        acc = np.empty((c1.out_channels, geometry(h, w)[2]), np.int16)
-        return nibble_block_forward(x, c1.bn_scale, c1.bn_shift, self.lut1, offs1, base1, b.lo,
-                                    b.hi, self.lut2, offs2, base2, b.conv2.out_scale, valid,
-                                    self.kind, given, xn1, xn2, acc, out)
+        q_n = geometry(h, w)[2]
+        acc = np.empty((c1.out_channels, q_n), np.int16)
+        return nibble_block_forward(x, c1.bn_scale, c1.bn_shift, self.lut1, offs1, base1, self.lo,
+                                    self.hi, self.lut2, offs2, base2, b.conv2.out_scale, valid,
+                                    self.kind, given, xn1, xn2, acc, np.empty(h * w, np.uint8),
+                                    np.empty(q_n, np.float32), out)

@@ -274,26 +274,32 @@ xn[off[n] + q]]`` (int16 ``[O, Q]``) for the tables of :func:`weight_tables`, th
 
 
 @numba.njit(cache=True, nogil=True)
-def pack_nibbles(x, scale, shift, wp, lp, xn):
+def pack_nibbles(x, scale, shift, wp, lp, xn, tmp):
     """BN and sign of one sample x float32 ``[C, H, W]`` into the interiors of the nibble
     planes xn: bit r of ``xn[g Lp + (y+1) Wp + x + 1]`` set when sign(BN(x[4g + r, y, x])) = -1
     (sign(0) = +1, as :func:`~xnorcdl.kernels.bitpack.pack_activations`). The padding bytes are
-    not written (they stay 0)."""
+    not written (they stay 0). tmp: uint8 scratch of H W bytes (each nibble plane is built
+    there by flat loops over the image, then copied row by row)."""
     c_in, h, w = x.shape
+    hw = h * w
+    xf = x.reshape(c_in * hw)
     zero = np.float32(0.0)
     for g in range(c_in // 4):
+        for p in range(hw):
+            tmp[p] = 0
+        for r in range(4):
+            c = 4 * g + r
+            s, t = scale[c], shift[c]
+            src = xf[c * hw:(c + 1) * hw]
+            bit = np.uint8(1 << r)
+            for p in range(hw):
+                tmp[p] |= np.uint8(0) if batchnorm(src[p], s, t) >= zero else bit
         for y in range(h):
-            at = g * lp + (y + 1) * wp + 1
-            dst = xn[at:at + w]
+            at = np.uint64(g * lp + (y + 1) * wp + 1)   # unsigned indices vectorize
+            p0 = np.uint64(y * w)
             for i in range(w):
-                dst[i] = 0
-            for r in range(4):
-                c = 4 * g + r
-                s, t = scale[c], shift[c]
-                src = x[c, y]
-                bit = np.uint8(1 << r)
-                for i in range(w):
-                    dst[i] |= np.uint8(0) if batchnorm(src[i], s, t) >= zero else bit
+                u = np.uint64(i)
+                xn[at + u] = tmp[p0 + u]
     return xn
 
 
@@ -331,11 +337,12 @@ class NibbleConv:
         offs, base = self.prepared(h, w)
         wp, lp, q_n = geometry(h, w)
         xn = np.zeros(plane_bytes(c.in_channels, h, w), np.uint8)
+        tmp = np.empty(h * w, np.uint8)
         acc = np.empty((c.out_channels, q_n), np.int16)
         out = np.empty((n_s, c.out_channels, h, w), np.float32)
         two = np.float32(2.0)
         for n in range(n_s):
-            pack_nibbles(x[n], c.bn_scale, c.bn_shift, wp, lp, xn)
+            pack_nibbles(x[n], c.bn_scale, c.bn_shift, wp, lp, xn, tmp)
             nibble_counts(self.lut, xn, offs, acc)
             t = (base - two * acc.astype(np.float32)) * c.out_scale[:, None]
             out[n] = t[:, :h * wp].reshape(-1, h, wp)[:, :, :w]

@@ -117,7 +117,7 @@ def test_pack_nibbles_is_the_sign_convention():
     shift = np.zeros(c, np.float32)
     wp, lp, _ = nc.geometry(h, w)
     xn = np.zeros(nc.plane_bytes(c, h, w), np.uint8)
-    nc.pack_nibbles(x, scale, shift, wp, lp, xn)
+    nc.pack_nibbles(x, scale, shift, wp, lp, xn, np.empty(h * w, np.uint8))
     assert np.array_equal(xn, planes_of(~(x * scale[:, None, None] + shift[:, None, None] >= 0)))
 
 
@@ -151,11 +151,12 @@ def test_block_keeps_padding_bytes_zero():
     wp, lp, q = nc.geometry(h, w)
     acc = np.empty((c, q), np.int16)
     # make conv1's integers set every bit, so an unmasked junk column would write 0xF
-    lo, hi = np.full(c, -10**6, np.int32), np.full(c, 10**6, np.int32)
+    lo, hi = np.full(c, -2**15, np.int16), np.full(c, 2**15 - 1, np.int16)
     from xnorcdl.kernels.nibbleblock import nibble_block_forward
     nibble_block_forward(x, b.conv1.bn_scale, b.conv1.bn_shift, block.lut1, offs1, base1, lo, hi,
                          block.lut2, offs2, base2, b.conv2.out_scale, valid, block.kind, x, xn1,
-                         xn2, acc, np.empty_like(x))
+                         xn2, acc, np.empty(h * w, np.uint8), np.empty(q, np.float32),
+                         np.empty_like(x))
     planes = xn2[:(c // 4) * lp].reshape(c // 4, h + 2, wp)
     assert (planes[:, 1:h + 1, 1:w + 1] == 15).all()
     inner = np.zeros_like(planes, bool)
