@@ -23,7 +23,7 @@ Rows (field 0 is the opcode; ``src``/``dst`` name one of the three activation bu
                im2col) -> BN -> ReLU, into dst
 ``BINARY``     a fused binary block (``binary_block_forward``); a 1x1-conv shortcut is computed
                first, in the fixed order, into the work buffer
-``NIBBLE``     the same block by nibble tables (``nibble_block_forward``, stride 1); each
+``NIBBLE``     the same block by nibble tables (``nibble_block_forward``); each
                geometry's nibble planes have their own region of the uint8 work buffer, so
                their padding bytes, zeroed once, stay 0
 ``QUANT``      one k-bit conv, bit planes (``bitconv_forward``) or direct int16 codes
@@ -38,7 +38,7 @@ import numpy as np
 
 from .binaryblock import binary_block_forward
 from .nibbleblock import NibbleBlock, nibble_block_forward
-from .nibbleconv import TILE
+from .nibbleconv import geometry as nibble_geometry
 from .bitconv import bitconv_forward
 from .codeconv import codeconv_forward, phase_geometry
 from .exits import avg_pool_flat
@@ -147,32 +147,28 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                     _f32(f32, m[F0 + 12], o_n), kind, m[F0 + 1], given, y)
             elif op == NIBBLE:
                 # fields: kind, off_bn1s, off_bn1t, off_lut1, terms1, off_offs1, off_base1, off_lo,
-                # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, off_valid, off_xn1,
-                # n_xn1, off_xn2, n_xn2, off_tmp8, then the shortcut conv (6 fields); base1,
-                # lo, hi are int16
-                # (wk[:Q] is free here: the shortcut conv has written its output to given)
-                kind, t1, t2 = m[F0], m[F0 + 4], m[F0 + 10]
-                wp = w + 2
-                q_n = (h * wp + TILE - 1) // TILE * TILE
-                given = bufs[3 - m[SRC] - m[DST], :o_n * h * w].reshape(1, o_n, h, w)
+                # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, pad_ch, off_xn1, n_xn1,
+                # off_xn2, n_xn2, off_tmp8, n_tmp8, then the shortcut conv (6 fields); base1, lo,
+                # hi are int16. wk[:Q2] is free here (the shortcut conv has written given).
+                kind, t1, t2, stride = m[F0], m[F0 + 4], m[F0 + 10], m[STRIDE]
+                q1 = nibble_geometry(h, w, stride)[5]
+                q2 = nibble_geometry(ho, wo, 1)[5]
+                given = bufs[3 - m[SRC] - m[DST], :o_n * ho * wo].reshape(1, o_n, ho, wo)
                 if kind == 2:
-                    _ordered_conv(x, f32, wk, m, F0 + 20, given)
-                else:
-                    given = x
+                    _ordered_conv(x, f32, wk, m, F0 + 21, given)
                 nibble_block_forward(
                     x, _f32(f32, m[F0 + 1], c_in), _f32(f32, m[F0 + 2], c_in),
                     u8[m[F0 + 3]:m[F0 + 3] + o_n * t1 * 16].reshape(o_n // 4, t1, 4, 16),
                     i32[m[F0 + 5]:m[F0 + 5] + t1],
-                    i16[m[F0 + 6]:m[F0 + 6] + o_n * q_n].reshape(o_n, q_n),
-                    i16[m[F0 + 7]:m[F0 + 7] + o_n], i16[m[F0 + 8]:m[F0 + 8] + o_n],
+                    i16[m[F0 + 6]:m[F0 + 6] + o_n * q1].reshape(o_n, q1),
+                    i16[m[F0 + 7]:m[F0 + 7] + o_n], i16[m[F0 + 8]:m[F0 + 8] + o_n], stride,
                     u8[m[F0 + 9]:m[F0 + 9] + o_n * t2 * 16].reshape(o_n // 4, t2, 4, 16),
                     i32[m[F0 + 11]:m[F0 + 11] + t2],
-                    _f32(f32, m[F0 + 12], o_n * q_n).reshape(o_n, q_n),
-                    _f32(f32, m[F0 + 13], o_n), u8[m[F0 + 14]:m[F0 + 14] + h * wp],
-                    kind, given, wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
-                    wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]],
-                    wk16[:o_n * q_n].reshape(o_n, q_n), wk8[m[F0 + 19]:m[F0 + 19] + h * w],
-                    wk[:q_n], y)
+                    _f32(f32, m[F0 + 12], o_n * q2).reshape(o_n, q2),
+                    _f32(f32, m[F0 + 13], o_n), kind, m[F0 + 14], given,
+                    wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
+                    wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]], wk16[:o_n * max(q1, q2)],
+                    wk8[m[F0 + 19]:m[F0 + 19] + m[F0 + 20]], wk[:q2], y)
             elif op == QUANT:
                 # fields: kernel (0 planes, 1 direct), bits, off_bns, off_bnt, off_scale, off_v0 (f64),
                 # planes: off_wp, rw, off_base; direct: off_w9, hq, wq, off_offs, src_len
@@ -234,7 +230,7 @@ class EdgeProgram:
         self._pools = {t: [] for t in _POOLS}
         self._sizes = dict.fromkeys(self._pools, 0)
         self._act, self._work, self._work16 = 1, 1, 1
-        self._planes = {}          # (role, C, H, W) -> (offset, length) in the uint8 work buffer
+        self._planes = {}          # key -> (offset, length) in the uint8 work buffer
         self._work8 = 0
         self.cur = 0
         self.exits = 0
@@ -273,8 +269,10 @@ class EdgeProgram:
         self.cur = 0
         return self._row(STEM, 0, 0, c, h, w, o_n, ho, wo, conv.stride, fields)
 
-    def _plane_region(self, role, c, h, w, n) -> int:
-        key = (role, c, h, w)
+    def _plane_region(self, key, n) -> int:
+        """Offset of the uint8 work buffer's region for ``key`` (a geometry and its role), n
+        bytes; rows of the same key share it (nibble planes of one geometry keep their
+        padding at 0 whichever row wrote the interior last)."""
         if key not in self._planes:
             self._planes[key] = (self._work8, n)
             self._work8 += n
@@ -307,25 +305,26 @@ class EdgeProgram:
         b = nb.block
         c1, c2 = b.conv1, b.conv2
         o_n = c1.out_channels
-        offs1, offs2, base1, base2, valid = nb.prepared(h, w)
-        n1, n2, n_acc = nb.scratch_sizes(h, w)
+        ho, wo = nibble_geometry(h, w, nb.stride)[:2]
+        offs1, offs2, base1, base2 = nb.prepared(h, w)
+        n1, n2, n_acc, n8, n32 = nb.scratch_sizes(h, w)
         src, dst = self.cur, (self.cur + 1) % 3
         fields = [nb.kind, self._put(c1.bn_scale, np.float32), self._put(c1.bn_shift, np.float32),
                   self._put(nb.lut1, np.uint8), len(offs1), self._put(offs1, np.int32),
                   self._put(base1, np.int16), self._put(nb.lo, np.int16),
                   self._put(nb.hi, np.int16), self._put(nb.lut2, np.uint8), len(offs2),
                   self._put(offs2, np.int32), self._put(base2, np.float32),
-                  self._put(c2.out_scale, np.float32), self._put(valid, np.uint8),
-                  self._plane_region(0, c, h, w, n1), n1,
-                  self._plane_region(1, o_n, h, w, n2), n2,
-                  self._plane_region(2, 0, h, w, h * w)]
+                  self._put(c2.out_scale, np.float32), nb.pad_channels,
+                  self._plane_region((0, c, h, w, nb.stride), n1), n1,
+                  self._plane_region((1, o_n, ho, wo), n2), n2,
+                  self._plane_region((2, n8), n8), n8]
         if shortcut_conv is not None:
             fields += self._conv_fields(shortcut_conv, False)
-            self._conv_work(c, h, w, shortcut_conv, h, w)
+            self._conv_work(c, h, w, shortcut_conv, ho, wo)
         self._work16 = max(self._work16, n_acc)
-        self._work = max(self._work, n_acc // o_n)          # the float32 row of the epilogue
+        self._work = max(self._work, n32)                  # the float32 rows of the epilogue
         self.cur = dst
-        return self._row(NIBBLE, src, dst, c, h, w, o_n, h, w, 1, fields)
+        return self._row(NIBBLE, src, dst, c, h, w, o_n, ho, wo, nb.stride, fields)
 
     def add_quant_conv(self, conv, in_shape, src, dst) -> int:
         """A k-bit conv: a bit-plane :class:`~xnorcdl.kernels.bitconv.BitConv` or a

@@ -1,43 +1,45 @@
 """A binary edge block run by nibble tables (:mod:`~xnorcdl.kernels.nibbleconv`) in one call.
 
 The same block as :func:`~xnorcdl.kernels.binaryblock.binary_block_forward`, ``x + Q2(Q1(x))``
-(docs/FORMAT.md, step 4), for stride-1 blocks whose channel counts are multiples of 4, with
-the same exact integer steps:
+(docs/FORMAT.md, step 4), for blocks whose channel counts are multiples of 4 (conv1 stride 1
+or 2), with the same exact integer steps:
 
 1. x -> BN1, sign -> nibble planes of conv1's input (:func:`~xnorcdl.kernels.nibbleconv.pack_nibbles`);
-2. conv1's counts ``acc1 [O, Q]`` by table lookups; ``A1 = base1 - 2 acc1`` (bitconv steps 3-4);
+2. conv1's counts ``acc1 [O, Q1]`` by table lookups; ``A1 = base1 - 2 acc1`` (bitconv steps 3-4);
 3. conv2's input bits straight from the integers, ``lo[o] <= A1 <= hi[o]``
-   (:func:`~xnorcdl.kernels.binaryblock.sign_intervals`), four channels to a byte, written into
-   the interior of conv2's nibble planes: output q = y Wp + x of conv1 is pixel (y, x), whose
-   byte lies at ``q + Wp + 1`` of the padded plane, and the junk columns x = W, W + 1 land on
-   padding bytes, so they are masked to 0 there (:func:`~xnorcdl.kernels.nibbleconv.valid_mask`);
+   (:func:`~xnorcdl.kernels.binaryblock.sign_intervals`), four channels to a byte, over conv1's
+   output rows in one flat loop, then row by row into the interior of conv2's (stride-1)
+   nibble planes, whose padding bytes are never written;
 4. conv2's counts, then ``out = (base2 - 2 float32(acc2)) * s2 + shortcut(x)`` in float32, the
-   reference's operations.
+   reference's operations (identity, zero-pad ``x[:, ::2, ::2]`` with explicit ``+ 0.0`` on the
+   pad channels, or a given 1x1-conv shortcut).
 
 So its output equals the reference block bit for bit, as the popcount block's does. Blocks of
-other shapes (stride 2, channels not a multiple of 4) run the popcount block.
+other shapes (channels not a multiple of 4) run the popcount block.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .binaryblock import GIVEN, IDENTITY, BinaryBlock
+from .binaryblock import GIVEN, IDENTITY, ZERO_PAD, BinaryBlock
 from .bitconv import as_float32_nchw
 from .jit import numba
 from .nibbleconv import (geometry, nibble_counts, pack_nibbles, plane_bytes, supports,
-                         term_offsets, to_padded_rows, valid_mask, weight_tables)
+                         term_offsets, to_padded_rows, weight_tables)
 
 
 @numba.njit(cache=True, nogil=True)
-def sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn):
-    """Step 3: bit r of byte ``xn[g Lp + Wp + 1 + q]`` = ``lo[o] <= base1[o, q] - 2 acc[o, q]
-    <= hi[o]`` for o = 4g + r, over the H Wp outputs of ``valid``. All in int16 (|A1| <= 9C
-    < 2^15), so the loop runs 16 lanes to an AVX2 vector."""
-    hq = valid.shape[0]
+def sign_nibbles(acc, base1, lo, hi, ho, wo, wq, tmp, xn):
+    """Step 3: bit r of conv2's input byte at pixel (y, x) = ``lo[o] <= base1[o, q] -
+    2 acc[o, q] <= hi[o]`` for o = 4g + r and q = y Wq + x, written to
+    ``xn[g Lp + (y+1) Wp + x + 1]`` (Wp = Wo + 2, Lp = (Ho + 2) Wp). All in int16
+    (|A1| <= 9C < 2^15), so the flat loop runs 16 lanes to an AVX2 vector; tmp: uint8
+    scratch of Ho Wq bytes."""
+    hq = ho * wq
+    wp = wo + 2
+    lp = (ho + 2) * wp
     for g in range(acc.shape[0] // 4):
         o = 4 * g
-        at = g * lp + wp + 1
-        dst = xn[at:at + hq]
         a0, a1, a2, a3 = acc[o], acc[o + 1], acc[o + 2], acc[o + 3]
         b0, b1, b2, b3 = base1[o], base1[o + 1], base1[o + 2], base1[o + 3]
         l0, l1, l2, l3 = lo[o], lo[o + 1], lo[o + 2], lo[o + 3]
@@ -47,49 +49,68 @@ def sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn):
             v1 = np.int16(b1[q] - a1[q] - a1[q])
             v2 = np.int16(b2[q] - a2[q] - a2[q])
             v3 = np.int16(b3[q] - a3[q] - a3[q])
-            byte = (np.uint8((v0 >= l0) & (v0 <= h0))
-                    | (np.uint8((v1 >= l1) & (v1 <= h1)) << np.uint8(1))
-                    | (np.uint8((v2 >= l2) & (v2 <= h2)) << np.uint8(2))
-                    | (np.uint8((v3 >= l3) & (v3 <= h3)) << np.uint8(3)))
-            dst[q] = byte & valid[q]
+            tmp[q] = (np.uint8((v0 >= l0) & (v0 <= h0))
+                      | (np.uint8((v1 >= l1) & (v1 <= h1)) << np.uint8(1))
+                      | (np.uint8((v2 >= l2) & (v2 <= h2)) << np.uint8(2))
+                      | (np.uint8((v3 >= l3) & (v3 <= h3)) << np.uint8(3)))
+        for y in range(ho):
+            at = np.uint64(g * lp + (y + 1) * wp + 1)   # unsigned indices vectorize
+            q0 = np.uint64(y * wq)
+            for i in range(wo):
+                u = np.uint64(i)
+                xn[at + u] = tmp[q0 + u]
     return xn
 
 
 @numba.njit(cache=True, nogil=True)
-def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, lut2, offs2,
-                         base2, s2, valid, shortcut_kind, given, xn1, xn2, acc, tmp8, tmp32,
-                         out):
-    """One stride-1 binary block per sample of x ``[N, C, H, W]`` into out ``[N, O, H, W]``.
+def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, stride, lut2,
+                         offs2, base2, s2, shortcut_kind, pad_channels, given, xn1, xn2, acc,
+                         tmp8, tmp32, out):
+    """One binary block per sample of x ``[N, C, H, W]`` into out ``[N, O, Ho, Wo]``.
 
     lut1/lut2, offs1/offs2: tables and term offsets of the two convs
     (:func:`~xnorcdl.kernels.nibbleconv.weight_tables`, :func:`~xnorcdl.kernels.nibbleconv.term_offsets`);
-    base1 int16 / base2 float32 ``[O, Q]``: the base planes in padded rows; lo, hi int16;
-    xn1, xn2: nibble planes of C and O channels whose padding bytes are 0 (scratch; interiors
-    overwritten); acc int16 ``[O, Q]``, tmp8 uint8 ``[H W]`` and tmp32 float32 ``[Q]`` scratch;
-    given ``[N, O, H, W]`` the shortcut when shortcut_kind is GIVEN, else x is added
-    (identity)."""
+    base1 int16 ``[O, Q1]`` / base2 float32 ``[O, Q2]``: the base planes in the convs' output
+    rows; lo, hi int16; xn1, xn2: nibble planes of C and O channels whose padding bytes are 0
+    (scratch; interiors overwritten); acc int16 ``[O, max(Q1, Q2)]``, tmp8 uint8 (H W and Q1
+    bytes) and tmp32 float32 ``[Q2]`` scratch; given ``[N, O, Ho, Wo]`` the shortcut when
+    shortcut_kind is GIVEN (ignored otherwise)."""
     n_s, c_in, h, w = x.shape
     o_n = out.shape[1]
-    wp = w + 2
-    lp = (h + 2) * wp
-    hq = h * wp
+    ho, wo, wq1, _, _, q1 = geometry(h, w, stride)
+    _, _, wq2, _, _, q2 = geometry(ho, wo, 1)
+    acc1 = acc.reshape(acc.size)[:o_n * q1].reshape(o_n, q1)
+    acc2 = acc.reshape(acc.size)[:o_n * q2].reshape(o_n, q2)
+    hq = ho * wq2
     two = np.float32(2.0)
+    zero = np.float32(0.0)
     for n in range(n_s):
-        pack_nibbles(x[n], bn1_scale, bn1_shift, wp, lp, xn1, tmp8)
-        nibble_counts(lut1, xn1, offs1, acc)
-        sign_nibbles(acc, base1, lo, hi, valid, wp, lp, xn2)
-        nibble_counts(lut2, xn2, offs2, acc)
-        src = given[n] if shortcut_kind == GIVEN else x[n]
+        pack_nibbles(x[n], bn1_scale, bn1_shift, stride, xn1, tmp8)
+        nibble_counts(lut1, xn1, offs1, acc1)
+        sign_nibbles(acc1, base1, lo, hi, ho, wo, wq1, tmp8, xn2)
+        nibble_counts(lut2, xn2, offs2, acc2)
         for o in range(o_n):
-            ac, bo, s = acc[o], base2[o], s2[o]
-            for q in range(hq):          # the padded rows in one flat loop, then row by row
+            ac, bo, s = acc2[o], base2[o], s2[o]
+            for q in range(hq):          # the output rows in one flat loop, then row by row
                 tmp32[q] = (bo[q] - two * np.float32(ac[q])) * s
-            d = out[n, o].reshape(h * w)
-            r = src[o].reshape(h * w)
-            for y in range(h):
-                q0 = np.uint64(y * wp)   # unsigned indices vectorize
-                p0 = np.uint64(y * w)
-                for i in range(w):
+            d = out[n, o].reshape(ho * wo)
+            if shortcut_kind == ZERO_PAD:                # x[:, ::2, ::2] on channels pad..
+                c = o - pad_channels
+                for y in range(ho):
+                    q0 = y * wq2
+                    if 0 <= c < c_in:
+                        r = x[n, c, 2 * y]
+                        for i in range(wo):
+                            d[y * wo + i] = tmp32[q0 + i] + r[2 * i]
+                    else:
+                        for i in range(wo):
+                            d[y * wo + i] = tmp32[q0 + i] + zero
+                continue
+            r = (given[n, o] if shortcut_kind == GIVEN else x[n, o]).reshape(ho * wo)
+            for y in range(ho):
+                q0 = np.uint64(y * wq2)  # unsigned indices vectorize
+                p0 = np.uint64(y * wo)
+                for i in range(wo):
                     u = np.uint64(i)
                     d[p0 + u] = tmp32[q0 + u] + r[p0 + u]
     return out
@@ -97,16 +118,15 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, lu
 
 class NibbleBlock:
     """A binary edge block by nibble tables, built from the prepared popcount block; calling it
-    is ``BinaryBlock.__call__`` (and equals it bit for bit). Where :func:`applies` is false it
+    is ``BinaryBlock.__call__`` (and equals it bit for bit). Where :attr:`applies` is false it
     runs the popcount block."""
 
     def __init__(self, block: BinaryBlock):
         self.block = block
         c1, c2 = block.conv1, block.conv2
-        self.kind = block.kind
+        self.kind, self.pad_channels, self.stride = block.kind, block.pad_channels, c1.stride
         self.applies = (supports(c1.in_channels, c1.out_channels, c1.stride)
-                        and supports(c2.in_channels, c2.out_channels, c2.stride)
-                        and block.kind in (IDENTITY, GIVEN))
+                        and supports(c2.in_channels, c2.out_channels, c2.stride))
         if self.applies:
             self.lut1, self.lut2 = weight_tables(c1.w_codes), weight_tables(c2.w_codes)
             # the intervals in int16 (|A1| <= 9C < 2^15: the clip changes nothing)
@@ -115,22 +135,29 @@ class NibbleBlock:
         self._geo = {}
 
     def prepared(self, h: int, w: int):
-        """(offs1, offs2, base1 int16 [O, Q], base2 float32 [O, Q], valid) for h x w inputs."""
+        """(offs1, offs2, base1 int16 [O, Q1], base2 float32 [O, Q2]) for h x w inputs."""
         geo = self._geo.get((h, w))
         if geo is None:
             b = self.block
-            _, _, base1, base2 = b._planes(h, w)
+            ho, wo, base1, base2 = b._planes(h, w)
+            _, _, wq1, _, _, q1 = geometry(h, w, self.stride)
+            _, _, wq2, _, _, q2 = geometry(ho, wo, 1)
             geo = self._geo[(h, w)] = (
-                term_offsets(b.conv1.in_channels, h, w), term_offsets(b.conv2.in_channels, h, w),
-                to_padded_rows(base1, h, w).astype(np.int16), to_padded_rows(base2, h, w),
-                valid_mask(h, w))
+                term_offsets(b.conv1.in_channels, h, w, self.stride),
+                term_offsets(b.conv2.in_channels, ho, wo, 1),
+                to_padded_rows(base1, ho, wo, wq1, q1).astype(np.int16),
+                to_padded_rows(base2, ho, wo, wq2, q2))
         return geo
 
     def scratch_sizes(self, h: int, w: int):
-        """(bytes of conv1's planes, bytes of conv2's planes, int16 counts) for h x w inputs."""
+        """(bytes of conv1's planes, bytes of conv2's planes, int16 counts, uint8 scratch,
+        float32 scratch) for h x w inputs."""
         c1 = self.block.conv1
-        return (plane_bytes(c1.in_channels, h, w), plane_bytes(c1.out_channels, h, w),
-                c1.out_channels * geometry(h, w)[2])
+        ho, wo, _, _, _, q1 = geometry(h, w, self.stride)
+        q2 = geometry(ho, wo, 1)[5]
+        return (plane_bytes(c1.in_channels, h, w, self.stride),
+                plane_bytes(c1.out_channels, ho, wo, 1), c1.out_channels * max(q1, q2),
+                max(h * w, q1), q2)
 
     def __call__(self, x: np.ndarray, shortcut: np.ndarray = None) -> np.ndarray:
         if not self.applies:
@@ -139,20 +166,19 @@ class NibbleBlock:
         c1 = b.conv1
         x = as_float32_nchw(x, c1.in_channels)
         n_s, _, h, w = x.shape
-        out = np.empty((n_s, c1.out_channels, h, w), np.float32)
+        ho, wo = geometry(h, w, self.stride)[:2]
+        out = np.empty((n_s, c1.out_channels, ho, wo), np.float32)
         if self.kind == GIVEN:
             if shortcut is None or shortcut.shape != out.shape:
                 raise ValueError(f"shortcut: expected {out.shape}, got "
                                  f"{None if shortcut is None else shortcut.shape}")
             given = np.ascontiguousarray(shortcut, dtype=np.float32)
         else:
-            given = x
-        offs1, offs2, base1, base2, valid = self.prepared(h, w)
-        n1, n2, n_acc = self.scratch_sizes(h, w)
-        xn1, xn2 = np.zeros(n1, np.uint8), np.zeros(n2, np.uint8)
-        q_n = geometry(h, w)[2]
-        acc = np.empty((c1.out_channels, q_n), np.int16)
-        return nibble_block_forward(x, c1.bn_scale, c1.bn_shift, self.lut1, offs1, base1, self.lo,
-                                    self.hi, self.lut2, offs2, base2, b.conv2.out_scale, valid,
-                                    self.kind, given, xn1, xn2, acc, np.empty(h * w, np.uint8),
-                                    np.empty(q_n, np.float32), out)
+            given = out
+        offs1, offs2, base1, base2 = self.prepared(h, w)
+        n1, n2, n_acc, n8, n32 = self.scratch_sizes(h, w)
+        return nibble_block_forward(
+            x, c1.bn_scale, c1.bn_shift, self.lut1, offs1, base1, self.lo, self.hi,
+            self.stride, self.lut2, offs2, base2, b.conv2.out_scale, self.kind,
+            self.pad_channels, given, np.zeros(n1, np.uint8), np.zeros(n2, np.uint8),
+            np.empty(n_acc, np.int16), np.empty(n8, np.uint8), np.empty(n32, np.float32), out)

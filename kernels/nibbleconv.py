@@ -1,4 +1,5 @@
-"""Binary 3x3 stride-1 convolution by nibble lookup tables: one ``vpshufb`` per 128 MACs.
+"""Binary 3x3 convolution (pad 1, stride 1 or 2) by nibble lookup tables: one ``vpshufb`` per
+128 MACs.
 
 Shapes: C input channels (C % 4 == 0), O output channels (O % 4 == 0), an H x W image;
 G = C / 4 *nibbles* per pixel, T = 9 G *terms* per output.
@@ -19,12 +20,15 @@ a 48-bit row segment of 16 channels uses three quarters. The result is the same 
 every epilogue of bitconv applies unchanged: ``A = Z^2 K - corr[case(p), o] - 2 acc``.
 
 **Layout.** Activations are *nibble planes* of the zero-padded image, one byte per pixel
-(values 0..15), ``xn[g Lp + (y+1) Wp + x + 1]`` with Wp = W + 2, Lp = (H + 2) Wp; the padding
-bytes are 0, which is the zero-bit padding of bitconv. Output q = y Wp + x of a padded-width
-row reads term n at ``q + off[n]``, ``off[t G + g] = g Lp + ky Wp + kx``: every tap is a
-shifted view of the same planes, nothing is copied (im2col) per tap. Outputs run over
-``q < Q``, H Wp rounded up to whole tiles; the two columns x = W, W + 1 of each row and the
-tail are junk, never read back.
+(values 0..15), ``xn[g Lq + (y+1) Wq + x + 1]`` with Wq = W + 2, Lq = (H + 2) Wq; the padding
+bytes are 0, which is the zero-bit padding of bitconv. Output q = y Wq + x of a padded-width
+row reads term n at ``q + off[n]``, ``off[t G + g] = g Lq + ky Wq + kx``: every tap is a
+shifted view of the same planes, nothing is copied (im2col) per tap. For stride 2 each nibble
+has four *phase planes* (even / odd padded rows x even / odd padded columns, Ho + 1 rows of
+Wq = Wo + 1), so that tap (ky, kx) of output (y, x) is pixel (y + ky // 2, x + kx // 2) of
+phase (ky % 2, kx % 2): shifted views again, with unit stride over outputs. Outputs run over
+``q < Q``, Ho Wq rounded up to whole tiles; the columns x >= Wo of each row and the tail are
+junk, never read back.
 
 **The tile.** :func:`_tile` (an ``@intrinsic`` emitting LLVM IR) keeps 4 output channels x 2
 vectors of 32 outputs in eight byte accumulators; per term two unaligned loads of nibbles, four
@@ -54,30 +58,45 @@ CHUNK = 63                       # terms whose counts (<= 4 each) still fit a by
 
 
 def supports(c_in: int, o_n: int, stride: int) -> bool:
-    """Whether a binary conv of this shape runs here: stride 1, whole nibbles, whole tiles."""
-    return stride == 1 and c_in % 4 == 0 and c_in > 0 and o_n % ROWS == 0 and o_n > 0
+    """Whether a binary conv of this shape runs here: stride 1 or 2, whole nibbles, whole
+    tiles of output channels."""
+    return stride in (1, 2) and c_in % 4 == 0 and c_in > 0 and o_n % ROWS == 0 and o_n > 0
 
 
-def geometry(h: int, w: int):
-    """(Wp, Lp, Q): padded row width, padded plane length, outputs computed (whole tiles)."""
-    wp = w + 2
-    lp = (h + 2) * wp
-    q = -(-h * wp // TILE) * TILE
-    return wp, lp, q
+@numba.njit(cache=True, nogil=True)
+def geometry(h, w, stride):
+    """(Ho, Wo, Wq, Lq, phases, Q) of an h x w input: output size, the row width and length of
+    one plane, planes per nibble (1, or the 4 phases of stride 2), outputs computed (whole
+    tiles; output (y, x) is q = y Wq + x)."""
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    if stride == 1:
+        wq, hq, phases = w + 2, h + 2, 1
+    else:
+        wq, hq, phases = wo + 1, ho + 1, 4
+    q = (ho * wq + TILE - 1) // TILE * TILE
+    return ho, wo, wq, hq * wq, phases, q
 
 
-def plane_bytes(c_in: int, h: int, w: int) -> int:
+def plane_bytes(c_in: int, h: int, w: int, stride: int = 1) -> int:
     """Length of a nibble-plane buffer of C channels (the reads of junk outputs included)."""
-    wp, lp, q = geometry(h, w)
-    return (c_in // 4) * lp + q + 2 * wp + 2 + LANES
+    _, _, wq, lq, phases, q = geometry(h, w, stride)
+    return (c_in // 4) * phases * lq + q + 2 * wq + 2 + LANES
 
 
-def term_offsets(c_in: int, h: int, w: int) -> np.ndarray:
-    """int32 ``[9 G]``: ``off[t G + g] = g Lp + ky Wp + kx`` (t = 3 ky + kx)."""
-    wp, lp, _ = geometry(h, w)
-    g = np.arange(c_in // 4, dtype=np.int64)
-    tap = np.array([(t // 3) * wp + t % 3 for t in range(9)], np.int64)
-    return np.ascontiguousarray((tap[:, None] + lp * g[None]).reshape(-1), dtype=np.int32)
+def term_offsets(c_in: int, h: int, w: int, stride: int = 1) -> np.ndarray:
+    """int32 ``[9 G]``: where term n = t G + g (t = 3 ky + kx) of output 0 lies in the planes:
+    ``g Lq + ky Wq + kx`` for stride 1; for stride 2 in phase plane ``(ky % 2, kx % 2)`` of
+    nibble g, ``(4 g + 2 (ky % 2) + kx % 2) Lq + (ky // 2) Wq + kx // 2``."""
+    _, _, wq, lq, phases, _ = geometry(h, w, stride)
+    offs = np.empty((9, c_in // 4), np.int64)
+    for t in range(9):
+        ky, kx = divmod(t, 3)
+        for g in range(c_in // 4):
+            if stride == 1:
+                offs[t, g] = g * lq + ky * wq + kx
+            else:
+                offs[t, g] = (4 * g + 2 * (ky % 2) + kx % 2) * lq + (ky // 2) * wq + kx // 2
+    return np.ascontiguousarray(offs.reshape(-1), dtype=np.int32)
 
 
 def weight_nibbles(w_codes: np.ndarray) -> np.ndarray:
@@ -100,20 +119,11 @@ def weight_tables(w_codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(lut.reshape(o_n // ROWS, ROWS, t_n, 16).transpose(0, 2, 1, 3))
 
 
-def to_padded_rows(plane: np.ndarray, h: int, w: int) -> np.ndarray:
-    """``[O, H W]`` -> ``[O, Q]`` with entry y W + x at q = y Wp + x (junk entries 0)."""
-    wp, _, q = geometry(h, w)
+def to_padded_rows(plane: np.ndarray, ho: int, wo: int, wq: int, q: int) -> np.ndarray:
+    """``[O, Ho Wo]`` -> ``[O, Q]`` with entry y Wo + x at q = y Wq + x (junk entries 0)."""
     out = np.zeros((plane.shape[0], q), plane.dtype)
-    out[:, :h * wp].reshape(plane.shape[0], h, wp)[:, :, :w] = plane.reshape(-1, h, w)
+    out[:, :ho * wq].reshape(plane.shape[0], ho, wq)[:, :, :wo] = plane.reshape(-1, ho, wo)
     return out
-
-
-def valid_mask(h: int, w: int) -> np.ndarray:
-    """uint8 ``[H Wp]``: 255 at real outputs, 0 at the two junk columns of each row."""
-    wp = w + 2
-    m = np.zeros((h, wp), np.uint8)
-    m[:, :w] = 255
-    return m.reshape(-1)
 
 
 def vectorized() -> bool:
@@ -274,13 +284,16 @@ xn[off[n] + q]]`` (int16 ``[O, Q]``) for the tables of :func:`weight_tables`, th
 
 
 @numba.njit(cache=True, nogil=True)
-def pack_nibbles(x, scale, shift, wp, lp, xn, tmp):
+def pack_nibbles(x, scale, shift, stride, xn, tmp):
     """BN and sign of one sample x float32 ``[C, H, W]`` into the interiors of the nibble
-    planes xn: bit r of ``xn[g Lp + (y+1) Wp + x + 1]`` set when sign(BN(x[4g + r, y, x])) = -1
-    (sign(0) = +1, as :func:`~xnorcdl.kernels.bitpack.pack_activations`). The padding bytes are
-    not written (they stay 0). tmp: uint8 scratch of H W bytes (each nibble plane is built
-    there by flat loops over the image, then copied row by row)."""
+    planes xn: bit r of pixel (y, x)'s byte set when sign(BN(x[4g + r, y, x])) = -1 (sign(0) =
+    +1, as :func:`~xnorcdl.kernels.bitpack.pack_activations`). The byte goes to padded pixel
+    (y + 1, x + 1) of plane g (stride 1), or of phase plane ``((y + 1) % 2, (x + 1) % 2)`` at
+    ``((y + 1) // 2, (x + 1) // 2)`` (stride 2). The padding bytes are not written (they stay
+    0). tmp: uint8 scratch of H W bytes (each nibble is built there by flat loops over the
+    image, then copied row by row)."""
     c_in, h, w = x.shape
+    _, _, wq, lq, phases, _ = geometry(h, w, stride)
     hw = h * w
     xf = x.reshape(c_in * hw)
     zero = np.float32(0.0)
@@ -295,17 +308,29 @@ def pack_nibbles(x, scale, shift, wp, lp, xn, tmp):
             for p in range(hw):
                 tmp[p] |= np.uint8(0) if batchnorm(src[p], s, t) >= zero else bit
         for y in range(h):
-            at = np.uint64(g * lp + (y + 1) * wp + 1)   # unsigned indices vectorize
-            p0 = np.uint64(y * w)
-            for i in range(w):
-                u = np.uint64(i)
-                xn[at + u] = tmp[p0 + u]
+            p0 = np.uint64(y * w)            # unsigned indices vectorize
+            if stride == 1:
+                at = np.uint64(g * lq + (y + 1) * wq + 1)
+                for i in range(w):
+                    u = np.uint64(i)
+                    xn[at + u] = tmp[p0 + u]
+            else:
+                row = (4 * g + 2 * ((y + 1) % 2)) * lq + ((y + 1) // 2) * wq
+                ph1 = np.uint64(row + lq)    # phase (., 1): even x, at column x / 2
+                ph0 = np.uint64(row + 1)     # phase (., 0): odd x, at column (x + 1) / 2
+                two = np.uint64(2)
+                for i in range((w + 1) // 2):
+                    u = np.uint64(i)
+                    xn[ph1 + u] = tmp[p0 + two * u]
+                for i in range(w // 2):
+                    u = np.uint64(i)
+                    xn[ph0 + u] = tmp[p0 + two * u + np.uint64(1)]
     return xn
 
 
 class NibbleConv:
-    """A prepared binary QuanConv (3x3, pad 1) run by nibble tables where :func:`supports`
-    holds (else by the popcount kernel); ``conv(x)`` equals
+    """A prepared binary QuanConv (3x3, pad 1, stride 1 or 2) run by nibble tables where
+    :func:`supports` holds (else by the popcount kernel); ``conv(x)`` equals
     :class:`~xnorcdl.kernels.bitconv.BitConv` (and so the reference) bit for bit."""
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits: int = 1, v0: float = 1.0,
@@ -322,9 +347,10 @@ class NibbleConv:
         """(offsets, base plane in padded rows, float32 ``[O, Q]``) for inputs of h x w."""
         geo = self._geo.get((h, w))
         if geo is None:
-            base = self.bitconv.base_plane(h, w)
-            geo = self._geo[(h, w)] = (term_offsets(self.bitconv.in_channels, h, w),
-                                       to_padded_rows(base, h, w))
+            c = self.bitconv
+            ho, wo, wq, _, _, q = geometry(h, w, c.stride)
+            geo = self._geo[(h, w)] = (term_offsets(c.in_channels, h, w, c.stride),
+                                       to_padded_rows(c.base_plane(h, w), ho, wo, wq, q))
         return geo
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -335,15 +361,15 @@ class NibbleConv:
         x = as_float32_nchw(x, c.in_channels)
         n_s, _, h, w = x.shape
         offs, base = self.prepared(h, w)
-        wp, lp, q_n = geometry(h, w)
-        xn = np.zeros(plane_bytes(c.in_channels, h, w), np.uint8)
+        ho, wo, wq, _, _, q_n = geometry(h, w, c.stride)
+        xn = np.zeros(plane_bytes(c.in_channels, h, w, c.stride), np.uint8)
         tmp = np.empty(h * w, np.uint8)
         acc = np.empty((c.out_channels, q_n), np.int16)
-        out = np.empty((n_s, c.out_channels, h, w), np.float32)
+        out = np.empty((n_s, c.out_channels, ho, wo), np.float32)
         two = np.float32(2.0)
         for n in range(n_s):
-            pack_nibbles(x[n], c.bn_scale, c.bn_shift, wp, lp, xn, tmp)
+            pack_nibbles(x[n], c.bn_scale, c.bn_shift, c.stride, xn, tmp)
             nibble_counts(self.lut, xn, offs, acc)
             t = (base - two * acc.astype(np.float32)) * c.out_scale[:, None]
-            out[n] = t[:, :h * wp].reshape(-1, h, wp)[:, :, :w]
+            out[n] = t[:, :ho * wq].reshape(-1, ho, wq)[:, :, :wo]
         return out
