@@ -9,9 +9,10 @@ threshold; CIFAR-10 test images):
   images, per sample (the file's exit fraction decides how many go on to the cloud); the
   energy accounting ``infer`` adds once per run (about 30 ms) is not in it;
 * **hybrid, exits off, batch 32**: every sample through edge and cloud, per sample;
-* the main job and the exits-off run again with the cloud blocks of ``--cloud-peer`` (default
-  ``cloud_block_folded``, the nine tap sgemms per conv) in place of the fast backend's own, to
-  show what the cloud kernel is worth in the same run;
+* the main job and the exits-off run again with the cloud blocks of ``--cloud-peer`` (default:
+  the cloud_block kernel the backend does not use here, ``cloud_block_direct`` FMA tiles or
+  ``cloud_block_folded`` BLAS) in place of the fast backend's own, to show what the cloud
+  kernel is worth in the same run;
 * the edge path and the main job again with the binary blocks of ``--edge-peer`` (default: the
   binary_block kernel the backend does not use here, ``binary_block_fused`` popcounts or
   ``binary_block_nibble`` tables) in the edge program, the same bits (checked).
@@ -209,14 +210,18 @@ def main(argv=None):
                     help="test images per main-job call (Algorithm 1 at batch 1)")
     ap.add_argument("--calib", type=int, default=300, help="training images for int8 calibration")
     ap.add_argument("--json", default=None, metavar="PATH", help="write all figures as JSON")
-    ap.add_argument("--cloud-peer", default="cloud_block_folded", metavar="KERNEL",
-                    help="cloud_block kernel of the registry timed beside the backend's own")
+    ap.add_argument("--cloud-peer", default=None, metavar="KERNEL",
+                    help="cloud_block kernel of the registry timed beside the backend's own "
+                         "(default: the other of cloud_block_direct / cloud_block_folded)")
     ap.add_argument("--edge-peer", default=None, metavar="KERNEL",
                     help="binary_block kernel of the registry timed beside the backend's own "
                          "(default: the other of binary_block_fused / binary_block_nibble)")
     args = ap.parse_args(argv)
-    from xnorcdl.kernels.registry import binary_block_kernel, of_kind
-    own_edge = binary_block_kernel().name
+    from xnorcdl.kernels.registry import binary_block_kernel, cloud_block_kernel, of_kind
+    own_edge, own_cloud = binary_block_kernel().name, cloud_block_kernel().name
+    if args.cloud_peer is None:
+        args.cloud_peer = ("cloud_block_folded" if own_cloud == "cloud_block_direct"
+                           else "cloud_block_direct")
     if args.edge_peer is None:
         args.edge_peer = ("binary_block_fused" if own_edge == "binary_block_nibble"
                           else "binary_block_nibble")
@@ -301,7 +306,7 @@ def main(argv=None):
     import onnxruntime as ort
     print(f"config: repeat={args.repeat} images={n_main} calib={args.calib} "
           f"onnxruntime={ort.__version__} torch={torch.__version__} "
-          f"edge blocks={own_edge}")
+          f"edge blocks={own_edge} cloud blocks={own_cloud}")
     print(f"machine: {info}")
     times = {}
     for group in ([k for k in fns if fns[k][1] == 1], [k for k in fns if fns[k][1] > 1]):
@@ -342,7 +347,8 @@ def main(argv=None):
             json.dump({"machine": info, "repeat": args.repeat, "times_s": times,
                        "per_sample_s": per, "accuracy": acc, "cloud_fraction": cloud_frac,
                        "napkin": napkin, "edge_blocks": own_edge,
-                       "edge_peer": args.edge_peer, "cloud_peer": args.cloud_peer}, f, indent=1)
+                       "edge_peer": args.edge_peer, "cloud_blocks": own_cloud,
+                       "cloud_peer": args.cloud_peer}, f, indent=1)
 
 
 if __name__ == "__main__":

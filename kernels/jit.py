@@ -53,6 +53,23 @@ def wide_vector_features():
     return features.flatten() + ",-prefer-256-bit"
 
 
+def host_has(feature: str) -> bool:
+    """Whether this processor has ``feature`` (an LLVM feature name: "avx2", "avx512f", ...)."""
+    import llvmlite.binding as ll
+    return bool(ll.get_host_cpu_features().get(feature))
+
+
+def target_has(feature: str) -> bool:
+    """Whether the code Numba compiles here may use ``feature``: the JIT is on and the feature
+    is in the host's features or, where the user set ``NUMBA_CPU_FEATURES``, in those."""
+    if numba.config.DISABLE_JIT:
+        return False
+    feats = numba.config.CPU_FEATURES
+    if feats is None:
+        return host_has(feature)
+    return "+" + feature in feats.split(",")
+
+
 if numba.config.CPU_FEATURES is None and not numba.config.DISABLE_JIT:
     numba.config.CPU_FEATURES = wide_vector_features()
 

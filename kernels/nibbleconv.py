@@ -48,7 +48,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .jit import numba
+from .jit import numba, target_has
 from .quantize import batchnorm
 
 #: output channels per tile, 32-byte vectors of outputs per tile, outputs per vector
@@ -129,26 +129,15 @@ def to_padded_rows(plane: np.ndarray, ho: int, wo: int, wq: int, q: int) -> np.n
 def vectorized() -> bool:
     """Whether the jitted counts use the AVX2 tile: the JIT is on and the features Numba
     compiles for (the host's, or the user's ``NUMBA_CPU_FEATURES``) include AVX2."""
-    if numba.config.DISABLE_JIT:
-        return False
-    feats = numba.config.CPU_FEATURES       # None: Numba compiles for the host's features
-    if feats is None:
-        import llvmlite.binding as ll
-        return bool(ll.get_host_cpu_features().get("avx2"))
-    return "+avx2" in feats.split(",")
+    return target_has("avx2")
 
 
 def preferred() -> bool:
-    """Whether the fast backend runs binary stride-1 convs by tables: the AVX2 tile is there
-    and the target has no AVX-512 VPOPCNTDQ, whose ``vpopcntq`` makes the popcount loop the
-    faster one (benchmarks/RESULTS.md: on AVX2 alone the tables are about twice as fast)."""
-    if not vectorized():
-        return False
-    feats = numba.config.CPU_FEATURES
-    if feats is None:
-        import llvmlite.binding as ll
-        return not ll.get_host_cpu_features().get("avx512vpopcntdq")
-    return "+avx512vpopcntdq" not in feats.split(",")
+    """Whether the fast backend runs binary convs by tables: the AVX2 tile is there and the
+    target has no AVX-512 VPOPCNTDQ, whose ``vpopcntq`` makes the popcount loop the faster one
+    (benchmarks/RESULTS.md: on an AVX2 target the edge path runs 1.5x faster by tables, with
+    VPOPCNTDQ 1.2x slower)."""
+    return vectorized() and not target_has("avx512vpopcntdq")
 
 
 @intrinsic

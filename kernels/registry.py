@@ -41,6 +41,7 @@ from .cloudblock import CloudBlock
 from .codeconv import CodeConv
 from .exits import PooledLinear
 from .gemmconv import CodeGemmConv, FloatGemmConv
+from .jit import host_has
 from .nibbleblock import NibbleBlock
 from .nibbleconv import NibbleConv, preferred
 from .normalize import Normalize
@@ -150,6 +151,14 @@ def binary_block_kernel() -> Kernel:
     """The fast backend's binary block: by nibble tables on AVX2 targets without AVX-512
     VPOPCNTDQ (:func:`~xnorcdl.kernels.nibbleconv.preferred`), else by popcounts."""
     return KERNELS["binary_block_nibble" if preferred() else "binary_block_fused"]
+
+
+def cloud_block_kernel() -> Kernel:
+    """The fast backend's cloud block: the direct FMA tile (256-bit) on processors without
+    AVX-512, NumPy's BLAS (folded) where BLAS has AVX-512 kernels; measured both ways in
+    benchmarks/RESULTS.md (direct 1.2x faster on an AVX2 EPYC, folded 1.13x faster on an
+    AVX-512 Xeon)."""
+    return KERNELS["cloud_block_folded" if host_has("avx512f") else "cloud_block_direct"]
 
 
 def float_kernel_for(exact: bool) -> Kernel:

@@ -253,3 +253,19 @@ def test_tile_is_vpshufb_on_vector_registers():
         start -= 1
     loop = lines[start:shuf[-1] + 1]
     assert not [line for line in loop if "(%rsp)" in line and "%ymm" in line]
+
+
+@pytest.mark.skipif(SLOW, reason="needs the JIT")
+@pytest.mark.parametrize("features,tiles,preferred", [
+    ("+avx2,+fma,-avx512f,-avx512vpopcntdq", True, True),
+    ("+avx2,+avx512f,+avx512vpopcntdq", True, False),
+    ("-avx2,+sse4.2", False, False),
+])
+def test_choice_follows_the_target_features(monkeypatch, features, tiles, preferred):
+    """The tables run where the target has AVX2, and the backend prefers them unless it also
+    has VPOPCNTDQ (read from the features Numba compiles for, here the user's)."""
+    from xnorcdl.kernels.registry import binary_block_kernel
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+    assert nc.vectorized() is tiles and nc.preferred() is preferred
+    assert binary_block_kernel().name == ("binary_block_nibble" if preferred
+                                          else "binary_block_fused")

@@ -27,7 +27,8 @@ from ..kernels.bitconv import BitConv
 from ..kernels.codeconv import CodeConv
 from ..kernels.edgeprogram import EdgeProgram
 from ..kernels.gemmconv import CodeGemmConv
-from ..kernels.registry import KERNELS, binary_block_kernel, float_kernel_for, quant_kernel_for
+from ..kernels.registry import (KERNELS, binary_block_kernel, cloud_block_kernel, float_kernel_for,
+                                quant_kernel_for)
 from ..kernels.shapes import out_size
 from ..model import Block, FloatConv, Model, QuantConv
 from ..spec import IMAGE_SHAPE
@@ -70,7 +71,7 @@ class _PreparedBlock:
         self.fused = None
         if not blk.edge:       # the cloud block kernel: BN folded, ReLUs in the glue passes
             c1, c2 = blk.conv1, blk.conv2
-            self.cloud = KERNELS["cloud_block_direct"].build(
+            self.cloud = cloud_block_kernel().build(
                 c1, c2, sc.kind, sc.pad_channels, sc.conv if sc.kind == "conv1x1" else None)
             return
         # an edge block's float shortcut conv runs unfolded, like the reference (bit-identical)
