@@ -37,14 +37,16 @@ import numpy as np  # noqa: E402
 
 from xnorcdl import quant  # noqa: E402
 from xnorcdl.kernels import reference as ref  # noqa: E402
+from xnorcdl.kernels.jit import target_has  # noqa: E402
 from xnorcdl.kernels.registry import FLOAT_KERNELS, QUANT_KERNELS  # noqa: E402
 
 POPCNT_PER_CYCLE = 4
 
 
 def popcount_limit(info):
-    """(64-bit words per cycle, what bounds it) for this CPU's popcount instructions."""
-    if "avx512_vpopcntdq" in info.get("simd", ()):
+    """(64-bit words per cycle, what bounds it) for the popcount instructions of the target the
+    kernels compile for (this CPU's, or ``NUMBA_CPU_FEATURES``, benchmarks/avx2_target.py)."""
+    if target_has("avx512vpopcntdq"):          # the features the kernels compile for
         if "-prefer-256-bit" in (numba.config.CPU_FEATURES or ""):   # xnorcdl.kernels.jit
             return 8, ("AVX-512 VPOPCNTDQ: vpopcntq on 512-bit vectors, one per cycle on one "
                        "port")

@@ -148,8 +148,8 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
             elif op == NIBBLE:
                 # fields: kind, off_bn1s, off_bn1t, off_lut1, terms1, off_offs1, off_base1, off_lo,
                 # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, pad_ch, off_xn1, n_xn1,
-                # off_xn2, n_xn2, off_tmp8, n_tmp8, then the shortcut conv (6 fields); base1, lo,
-                # hi are int16. wk[:Q2] is free here (the shortcut conv has written given).
+                # off_xn2, n_xn2, off_tmp8, n_tmp8, then the shortcut conv (6 fields); base1,
+                # base2, lo, hi are int16. wk[:Q2] is free here (the shortcut conv has written given).
                 kind, t1, t2, stride = m[F0], m[F0 + 4], m[F0 + 10], m[STRIDE]
                 q1 = nibble_geometry(h, w, stride)[5]
                 q2 = nibble_geometry(ho, wo, 1)[5]
@@ -164,7 +164,7 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                     i16[m[F0 + 7]:m[F0 + 7] + o_n], i16[m[F0 + 8]:m[F0 + 8] + o_n], stride,
                     u8[m[F0 + 9]:m[F0 + 9] + o_n * t2 * 16].reshape(o_n // 4, t2, 4, 16),
                     i32[m[F0 + 11]:m[F0 + 11] + t2],
-                    _f32(f32, m[F0 + 12], o_n * q2).reshape(o_n, q2),
+                    i16[m[F0 + 12]:m[F0 + 12] + o_n * q2].reshape(o_n, q2),
                     _f32(f32, m[F0 + 13], o_n), kind, m[F0 + 14], given,
                     wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
                     wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]], wk16[:o_n * max(q1, q2)],
@@ -313,7 +313,7 @@ class EdgeProgram:
                   self._put(nb.lut1, np.uint8), len(offs1), self._put(offs1, np.int32),
                   self._put(base1, np.int16), self._put(nb.lo, np.int16),
                   self._put(nb.hi, np.int16), self._put(nb.lut2, np.uint8), len(offs2),
-                  self._put(offs2, np.int32), self._put(base2, np.float32),
+                  self._put(offs2, np.int32), self._put(base2, np.int16),
                   self._put(c2.out_scale, np.float32), nb.pad_channels,
                   self._plane_region((0, c, h, w, nb.stride), n1), n1,
                   self._plane_region((1, o_n, ho, wo), n2), n2,

@@ -10,8 +10,9 @@ or 2), with the same exact integer steps:
    (:func:`~xnorcdl.kernels.binaryblock.sign_intervals`), four channels to a byte, over conv1's
    output rows in one flat loop, then row by row into the interior of conv2's (stride-1)
    nibble planes, whose padding bytes are never written;
-4. conv2's counts, then ``out = (base2 - 2 float32(acc2)) * s2 + shortcut(x)`` in float32, the
-   reference's operations (identity, zero-pad ``x[:, ::2, ::2]`` with explicit ``+ 0.0`` on the
+4. conv2's counts, then ``out = float32(base2 - 2 acc2) * s2 + shortcut(x)``: the integer
+   in int16 and converted once, which is the reference's float32 ``base2 - 2 float32(acc2)``
+   exactly (an integer below 2^24), then its float32 operations (identity, zero-pad ``x[:, ::2, ::2]`` with explicit ``+ 0.0`` on the
    pad channels, or a given 1x1-conv shortcut).
 
 So its output equals the reference block bit for bit, as the popcount block's does. Blocks of
@@ -70,7 +71,7 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
 
     lut1/lut2, offs1/offs2: tables and term offsets of the two convs
     (:func:`~xnorcdl.kernels.nibbleconv.weight_tables`, :func:`~xnorcdl.kernels.nibbleconv.term_offsets`);
-    base1 int16 ``[O, Q1]`` / base2 float32 ``[O, Q2]``: the base planes in the convs' output
+    base1 int16 ``[O, Q1]`` / base2 int16 ``[O, Q2]``: the base planes in the convs' output
     rows; lo, hi int16; xn1, xn2: nibble planes of C and O channels whose padding bytes are 0
     (scratch; interiors overwritten); acc int16 ``[O, max(Q1, Q2)]``, tmp8 uint8 (H W and Q1
     bytes) and tmp32 float32 ``[Q2]`` scratch; given ``[N, O, Ho, Wo]`` the shortcut when
@@ -82,7 +83,6 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
     acc1 = acc.reshape(acc.size)[:o_n * q1].reshape(o_n, q1)
     acc2 = acc.reshape(acc.size)[:o_n * q2].reshape(o_n, q2)
     hq = ho * wq2
-    two = np.float32(2.0)
     zero = np.float32(0.0)
     for n in range(n_s):
         pack_nibbles(x[n], bn1_scale, bn1_shift, stride, xn1, tmp8)
@@ -92,7 +92,7 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
         for o in range(o_n):
             ac, bo, s = acc2[o], base2[o], s2[o]
             for q in range(hq):          # the output rows in one flat loop, then row by row
-                tmp32[q] = (bo[q] - two * np.float32(ac[q])) * s
+                tmp32[q] = np.float32(np.int16(bo[q] - ac[q] - ac[q])) * s
             d = out[n, o].reshape(ho * wo)
             if shortcut_kind == ZERO_PAD:                # x[:, ::2, ::2] on channels pad..
                 c = o - pad_channels
@@ -135,7 +135,7 @@ class NibbleBlock:
         self._geo = {}
 
     def prepared(self, h: int, w: int):
-        """(offs1, offs2, base1 int16 [O, Q1], base2 float32 [O, Q2]) for h x w inputs."""
+        """(offs1, offs2, base1 int16 [O, Q1], base2 int16 [O, Q2]) for h x w inputs."""
         geo = self._geo.get((h, w))
         if geo is None:
             b = self.block
@@ -146,7 +146,7 @@ class NibbleBlock:
                 term_offsets(b.conv1.in_channels, h, w, self.stride),
                 term_offsets(b.conv2.in_channels, ho, wo, 1),
                 to_padded_rows(base1, ho, wo, wq1, q1).astype(np.int16),
-                to_padded_rows(base2, ho, wo, wq2, q2))
+                to_padded_rows(base2, ho, wo, wq2, q2).astype(np.int16))
         return geo
 
     def scratch_sizes(self, h: int, w: int):

@@ -55,12 +55,14 @@ from .quantize import batchnorm
 ROWS, VECS, LANES = 4, 2, 32
 TILE = VECS * LANES
 CHUNK = 63                       # terms whose counts (<= 4 each) still fit a byte
+MAX_CHANNELS = 3640              # 9C < 2^15: counts and integers fit int16
 
 
 def supports(c_in: int, o_n: int, stride: int) -> bool:
     """Whether a binary conv of this shape runs here: stride 1 or 2, whole nibbles, whole
-    tiles of output channels."""
-    return stride in (1, 2) and c_in % 4 == 0 and c_in > 0 and o_n % ROWS == 0 and o_n > 0
+    tiles of output channels, and integers that fit int16 (|A| <= 9C < 2^15)."""
+    return (stride in (1, 2) and c_in % 4 == 0 and 0 < c_in <= MAX_CHANNELS
+            and o_n % ROWS == 0 and o_n > 0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -317,6 +319,31 @@ def pack_nibbles(x, scale, shift, stride, xn, tmp):
     return xn
 
 
+@numba.njit(cache=True, nogil=True)
+def nibbleconv_forward(x, bn_scale, bn_shift, stride, lut, offs, base, out_scale, xn, tmp, acc,
+                       out):
+    """BN -> sign -> nibble planes -> counts -> ``(base - 2 acc) * out_scale`` for each sample
+    of x ``[N, C, H, W]`` into out ``[N, O, Ho, Wo]`` (bitconv steps 2-4); base int16 ``[O, Q]``
+    in output rows (``base - 2 acc`` is an integer below 2^15: in int16, converted once, it is
+    bitconv's float32 ``base - 2 float32(acc)`` exactly), xn/tmp/acc scratch (:func:`plane_bytes`, H W bytes, ``[O, Q]``)."""
+    n_s, c_in, h, w = x.shape
+    o_n = out.shape[1]
+    ho, wo, wq, _, _, _ = geometry(h, w, stride)
+    for n in range(n_s):
+        pack_nibbles(x[n], bn_scale, bn_shift, stride, xn, tmp)
+        nibble_counts(lut, xn, offs, acc)
+        for o in range(o_n):
+            bo, ac, s = base[o], acc[o], out_scale[o]
+            d = out[n, o].reshape(ho * wo)
+            for y in range(ho):
+                q0 = np.uint64(y * wq)          # unsigned indices vectorize
+                p0 = np.uint64(y * wo)
+                for i in range(wo):
+                    u = np.uint64(i)
+                    d[p0 + u] = np.float32(np.int16(bo[q0 + u] - ac[q0 + u] - ac[q0 + u])) * s
+    return out
+
+
 class NibbleConv:
     """A prepared binary QuanConv (3x3, pad 1, stride 1 or 2) run by nibble tables where
     :func:`supports` holds (else by the popcount kernel); ``conv(x)`` equals
@@ -333,13 +360,14 @@ class NibbleConv:
         self._geo = {}
 
     def prepared(self, h: int, w: int):
-        """(offsets, base plane in padded rows, float32 ``[O, Q]``) for inputs of h x w."""
+        """(offsets, base plane in output rows, int16 ``[O, Q]``) for inputs of h x w."""
         geo = self._geo.get((h, w))
         if geo is None:
             c = self.bitconv
             ho, wo, wq, _, _, q = geometry(h, w, c.stride)
             geo = self._geo[(h, w)] = (term_offsets(c.in_channels, h, w, c.stride),
-                                       to_padded_rows(c.base_plane(h, w), ho, wo, wq, q))
+                                       to_padded_rows(c.base_plane(h, w), ho, wo, wq, q)
+                                       .astype(np.int16))
         return geo
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -351,14 +379,9 @@ class NibbleConv:
         n_s, _, h, w = x.shape
         offs, base = self.prepared(h, w)
         ho, wo, wq, _, _, q_n = geometry(h, w, c.stride)
-        xn = np.zeros(plane_bytes(c.in_channels, h, w, c.stride), np.uint8)
-        tmp = np.empty(h * w, np.uint8)
-        acc = np.empty((c.out_channels, q_n), np.int16)
-        out = np.empty((n_s, c.out_channels, ho, wo), np.float32)
-        two = np.float32(2.0)
-        for n in range(n_s):
-            pack_nibbles(x[n], c.bn_scale, c.bn_shift, c.stride, xn, tmp)
-            nibble_counts(self.lut, xn, offs, acc)
-            t = (base - two * acc.astype(np.float32)) * c.out_scale[:, None]
-            out[n] = t[:, :ho * wq].reshape(-1, ho, wq)[:, :, :wo]
-        return out
+        return nibbleconv_forward(x, c.bn_scale, c.bn_shift, c.stride, self.lut, offs, base,
+                                  c.out_scale, np.zeros(plane_bytes(c.in_channels, h, w, c.stride),
+                                                        np.uint8),
+                                  np.empty(h * w, np.uint8),
+                                  np.empty((c.out_channels, q_n), np.int16),
+                                  np.empty((n_s, c.out_channels, ho, wo), np.float32))
