@@ -6,8 +6,8 @@ dispatch, temporaries), about a third of the edge path at batch 1. Here the laye
 ``int64`` table ``meta [n_ops, FIELDS]``, their parameters slices of six flat pools (float32,
 float64, uint64, int32, int16, uint8), and :func:`run_program` runs rows ``first .. stop-1``
 for every sample of a batch in one call, on three activation buffers and work buffers (float32,
-uint8 nibble planes, int16 counts) allocated once per program. The table and the pools have the same types for every network, so one compiled
-(cached) version serves every weights file.
+uint8 nibble planes, int16 counts) allocated once per program. The table and the pools have the
+same types for every network, so one compiled (cached) version serves every weights file.
 
 Every row calls the jitted kernel the per-layer path calls (:mod:`~xnorcdl.kernels.binaryblock`,
 :mod:`~xnorcdl.kernels.bitconv`, :mod:`~xnorcdl.kernels.codeconv`, :mod:`~xnorcdl.kernels.ordered`,
@@ -149,7 +149,8 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                 # fields: kind, off_bn1s, off_bn1t, off_lut1, terms1, off_offs1, off_base1, off_lo,
                 # off_hi, off_lut2, terms2, off_offs2, off_base2, off_s2, pad_ch, off_xn1, n_xn1,
                 # off_xn2, n_xn2, off_tmp8, n_tmp8, then the shortcut conv (6 fields); base1,
-                # base2, lo, hi are int16. wk[:Q2] is free here (the shortcut conv has written given).
+                # base2, lo, hi are int16. wk[:Q2] is free here (the shortcut conv has written
+                # given).
                 kind, t1, t2, stride = m[F0], m[F0 + 4], m[F0 + 10], m[STRIDE]
                 q1 = nibble_geometry(h, w, stride)[5]
                 q2 = nibble_geometry(ho, wo, 1)[5]

@@ -4,7 +4,8 @@ The same block as :func:`~xnorcdl.kernels.binaryblock.binary_block_forward`, ``x
 (docs/FORMAT.md, step 4), for blocks whose channel counts are multiples of 4 (conv1 stride 1
 or 2), with the same exact integer steps:
 
-1. x -> BN1, sign -> nibble planes of conv1's input (:func:`~xnorcdl.kernels.nibbleconv.pack_nibbles`);
+1. x -> BN1, sign -> nibble planes of conv1's input
+   (:func:`~xnorcdl.kernels.nibbleconv.pack_nibbles`);
 2. conv1's counts ``acc1 [O, Q1]`` by table lookups; ``A1 = base1 - 2 acc1`` (bitconv steps 3-4);
 3. conv2's input bits straight from the integers, ``lo[o] <= A1 <= hi[o]``
    (:func:`~xnorcdl.kernels.binaryblock.sign_intervals`), four channels to a byte, over conv1's
@@ -12,8 +13,9 @@ or 2), with the same exact integer steps:
    nibble planes, whose padding bytes are never written;
 4. conv2's counts, then ``out = float32(base2 - 2 acc2) * s2 + shortcut(x)``: the integer
    in int16 and converted once, which is the reference's float32 ``base2 - 2 float32(acc2)``
-   exactly (an integer below 2^24), then its float32 operations (identity, zero-pad ``x[:, ::2, ::2]`` with explicit ``+ 0.0`` on the
-   pad channels, or a given 1x1-conv shortcut).
+   exactly (an integer below 2^24), then its float32 operations (identity, zero-pad
+   ``x[:, ::2, ::2]`` with explicit ``+ 0.0`` on the pad channels, or a given 1x1-conv
+   shortcut).
 
 So its output equals the reference block bit for bit, as the popcount block's does. Blocks of
 other shapes (channels not a multiple of 4) run the popcount block.
@@ -70,7 +72,8 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
     """One binary block per sample of x ``[N, C, H, W]`` into out ``[N, O, Ho, Wo]``.
 
     lut1/lut2, offs1/offs2: tables and term offsets of the two convs
-    (:func:`~xnorcdl.kernels.nibbleconv.weight_tables`, :func:`~xnorcdl.kernels.nibbleconv.term_offsets`);
+    (:func:`~xnorcdl.kernels.nibbleconv.weight_tables`,
+    :func:`~xnorcdl.kernels.nibbleconv.term_offsets`);
     base1 int16 ``[O, Q1]`` / base2 int16 ``[O, Q2]``: the base planes in the convs' output
     rows; lo, hi int16; xn1, xn2: nibble planes of C and O channels whose padding bytes are 0
     (scratch; interiors overwritten); acc int16 ``[O, max(Q1, Q2)]``, tmp8 uint8 (H W and Q1

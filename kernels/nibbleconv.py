@@ -325,7 +325,8 @@ def nibbleconv_forward(x, bn_scale, bn_shift, stride, lut, offs, base, out_scale
     """BN -> sign -> nibble planes -> counts -> ``(base - 2 acc) * out_scale`` for each sample
     of x ``[N, C, H, W]`` into out ``[N, O, Ho, Wo]`` (bitconv steps 2-4); base int16 ``[O, Q]``
     in output rows (``base - 2 acc`` is an integer below 2^15: in int16, converted once, it is
-    bitconv's float32 ``base - 2 float32(acc)`` exactly), xn/tmp/acc scratch (:func:`plane_bytes`, H W bytes, ``[O, Q]``)."""
+    bitconv's float32 ``base - 2 float32(acc)`` exactly), xn/tmp/acc scratch
+    (:func:`plane_bytes`, H W bytes, ``[O, Q]``)."""
     n_s, c_in, h, w = x.shape
     o_n = out.shape[1]
     ho, wo, wq, _, _, _ = geometry(h, w, stride)
