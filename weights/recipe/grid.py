@@ -108,7 +108,10 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
 #: 9: that cycle again for 24E 4-bit (+3.84 on validation in the eighth, still rising in its
 #: last epoch) and for the first time for a 2-bit point past 10E (16E 2-bit, 82.67 % on test,
 #: only ever trained by the first budget), fixed after the eighth had ended (20E 4-bit gained
-#: +0.46 there)
+#: +0.46 there);
+#: 10: that cycle again for 16E 2-bit (+2.08 on validation in the ninth) and for the first time
+#: for 24E 2-bit (the lowest-energy point of the Pareto front, 68.58 % on test), fixed after the
+#: ninth had ended (24E 4-bit gained +1.28 there)
 BUDGETS = {
     2: {"name": "second", "lr": "0.01",
         "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4, "r32_24E_1b": 3}},
@@ -120,6 +123,7 @@ BUDGETS = {
     7: {"name": "seventh", "lr": "0.01", "epochs": {"r32_16E_4b": 6, "r32_20E_4b": 6}},
     8: {"name": "eighth", "lr": "0.01", "epochs": {"r32_20E_4b": 6, "r32_24E_4b": 6}},
     9: {"name": "ninth", "lr": "0.01", "epochs": {"r32_24E_4b": 6, "r32_16E_2b": 6}},
+    10: {"name": "tenth", "lr": "0.01", "epochs": {"r32_16E_2b": 6, "r32_24E_2b": 6}},
 }
 
 #: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
