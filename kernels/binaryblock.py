@@ -133,6 +133,15 @@ def binary_block_forward(x, bn1_scale, bn1_shift, wp1, base1, lo, hi, stride,
     return out
 
 
+def given_shortcut(shortcut, shape) -> np.ndarray:
+    """The 1x1-conv shortcut a GIVEN block adds, as float32 of the block's output ``shape``, or
+    a ValueError naming it."""
+    if shortcut is None or shortcut.shape != shape:
+        raise ValueError(f"shortcut: expected {shape}, got "
+                         f"{None if shortcut is None else shortcut.shape}")
+    return np.ascontiguousarray(shortcut, dtype=np.float32)
+
+
 class BinaryBlock:
     """A prepared binary edge block. ``block(x, shortcut=None)`` equals
     ``conv2(conv1(x)) + shortcut(x)`` of the reference bit for bit; ``shortcut`` must be given
@@ -165,13 +174,7 @@ class BinaryBlock:
         x = as_float32_nchw(x, c1.in_channels)
         ho, wo, base1, base2 = self._planes(*x.shape[2:])
         out = np.empty((x.shape[0], c1.out_channels, ho, wo), np.float32)
-        if self.kind == GIVEN:
-            if shortcut is None or shortcut.shape != out.shape:
-                raise ValueError(f"shortcut: expected {out.shape}, got "
-                                 f"{None if shortcut is None else shortcut.shape}")
-            given = np.ascontiguousarray(shortcut, dtype=np.float32)
-        else:
-            given = self._no_shortcut
+        given = given_shortcut(shortcut, out.shape) if self.kind == GIVEN else self._no_shortcut
         return binary_block_forward(x, c1.bn_scale, c1.bn_shift, c1.wp, base1, self.lo, self.hi,
                                     c1.stride, self.conv2.wp, base2, self.conv2.out_scale,
                                     self.kind, self.pad_channels, given, out)

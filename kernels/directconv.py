@@ -32,6 +32,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .irloop import accumulate
 from .jit import numba
 
 #: output channels and output pixels of one tile
@@ -93,42 +94,20 @@ def _tile(typingctx, a_addr, b0_addr, b1_addr, boff_addr, c_addr, terms, ldc):
         c_p = builder.inttoptr(c, fp)
         zero, undef = ir.Constant(v8, None), ir.Constant(v8, ir.Undefined)
         splat = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
-        n_acc = 2 * ROWS
-        entry = builder.block
-        loop = builder.append_basic_block("tile.loop")
-        done = builder.append_basic_block("tile.done")
-        builder.cbranch(builder.icmp_signed(">", terms, ir.Constant(i64, 0)), loop, done)
+        def body(k, acc):
+            off = builder.load(builder.gep(off_p, [k]))
+            vec = [builder.load(builder.bitcast(builder.gep(b_p, [off]), vp), align=4)
+                   for b_p in b_ps]
+            base = builder.mul(k, ir.Constant(i64, ROWS))
+            new = []
+            for r in range(ROWS):
+                s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
+                s8 = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
+                                            undef, splat)
+                new += [builder.call(fma, [s8, vec[j], acc[2 * r + j]]) for j in range(2)]
+            return new
 
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        acc = [builder.phi(v8) for _ in range(n_acc)]
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        for x in acc:
-            x.add_incoming(zero, entry)
-        off = builder.load(builder.gep(off_p, [k]))
-        vec = [builder.load(builder.bitcast(builder.gep(b_p, [off]), vp), align=4)
-               for b_p in b_ps]
-        base = builder.mul(k, ir.Constant(i64, ROWS))
-        new = []
-        for r in range(ROWS):
-            s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
-            s8 = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
-                                        undef, splat)
-            new += [builder.call(fma, [s8, vec[j], acc[2 * r + j]]) for j in range(2)]
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        tail = builder.block
-        k.add_incoming(k_next, tail)
-        for x, y in zip(acc, new):
-            x.add_incoming(y, tail)
-        builder.cbranch(builder.icmp_signed("<", k_next, terms), loop, done)
-
-        builder.position_at_end(done)
-        out = []
-        for y in new:
-            f = builder.phi(v8)
-            f.add_incoming(zero, entry)
-            f.add_incoming(y, tail)
-            out.append(f)
+        out = accumulate(builder, ir.Constant(i64, 0), terms, zero, 2 * ROWS, body, "tile")
         for r in range(ROWS):
             row = builder.gep(c_p, [builder.mul(ldc, ir.Constant(i64, r))])
             for j in range(2):

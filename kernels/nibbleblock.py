@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .binaryblock import GIVEN, IDENTITY, ZERO_PAD, BinaryBlock
+from .binaryblock import GIVEN, ZERO_PAD, BinaryBlock, given_shortcut
 from .bitconv import as_float32_nchw
 from .jit import numba
 from .nibbleconv import (geometry, nibble_counts, pack_nibbles, plane_bytes, supports,
@@ -171,13 +171,7 @@ class NibbleBlock:
         n_s, _, h, w = x.shape
         ho, wo = geometry(h, w, self.stride)[:2]
         out = np.empty((n_s, c1.out_channels, ho, wo), np.float32)
-        if self.kind == GIVEN:
-            if shortcut is None or shortcut.shape != out.shape:
-                raise ValueError(f"shortcut: expected {out.shape}, got "
-                                 f"{None if shortcut is None else shortcut.shape}")
-            given = np.ascontiguousarray(shortcut, dtype=np.float32)
-        else:
-            given = out
+        given = given_shortcut(shortcut, out.shape) if self.kind == GIVEN else out
         offs1, offs2, base1, base2 = self.prepared(h, w)
         n1, n2, n_acc, n8, n32 = self.scratch_sizes(h, w)
         return nibble_block_forward(

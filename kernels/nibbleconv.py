@@ -48,6 +48,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .irloop import accumulate
 from .jit import numba, target_has
 from .quantize import batchnorm
 
@@ -163,43 +164,23 @@ def _tile(typingctx, lut_addr, x_addr, off_addr, k0, k1, out_addr, ldo, first):
         zero = ir.Constant(v32, None)
         both = ir.Constant(ir.VectorType(i32, LANES), list(range(16)) * 2)
         undef16 = ir.Constant(v16, ir.Undefined)
-        n_acc = ROWS * VECS
-        entry = builder.block
-        loop = builder.append_basic_block("nib.loop")
-        done = builder.append_basic_block("nib.done")
-        builder.cbranch(builder.icmp_signed("<", k0, k1), loop, done)
 
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        acc = [builder.phi(v32) for _ in range(n_acc)]
-        k.add_incoming(k0, entry)
-        for a in acc:
-            a.add_incoming(zero, entry)
-        off = builder.sext(builder.load(builder.gep(off_p, [k])), i64)
-        nib = [builder.load(builder.bitcast(builder.gep(x_p, [builder.add(
-            off, ir.Constant(i64, LANES * j))]), v32.as_pointer()), align=1) for j in range(VECS)]
-        row0 = builder.mul(k, ir.Constant(i64, ROWS * 16))
-        new = []
-        for r in range(ROWS):
-            tp = builder.gep(lut_p, [builder.add(row0, ir.Constant(i64, 16 * r))])
-            t16 = builder.load(builder.bitcast(tp, v16.as_pointer()), align=1)
-            t32 = builder.shuffle_vector(t16, undef16, both)
-            new += [builder.add(acc[VECS * r + j], builder.call(shuf, [t32, nib[j]]))
-                    for j in range(VECS)]
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        tail = builder.block
-        k.add_incoming(k_next, tail)
-        for a, b in zip(acc, new):
-            a.add_incoming(b, tail)
-        builder.cbranch(builder.icmp_signed("<", k_next, k1), loop, done)
+        def body(k, acc):
+            off = builder.sext(builder.load(builder.gep(off_p, [k])), i64)
+            nib = [builder.load(builder.bitcast(builder.gep(x_p, [builder.add(
+                off, ir.Constant(i64, LANES * j))]), v32.as_pointer()), align=1)
+                for j in range(VECS)]
+            row0 = builder.mul(k, ir.Constant(i64, ROWS * 16))
+            new = []
+            for r in range(ROWS):
+                tp = builder.gep(lut_p, [builder.add(row0, ir.Constant(i64, 16 * r))])
+                t16 = builder.load(builder.bitcast(tp, v16.as_pointer()), align=1)
+                t32 = builder.shuffle_vector(t16, undef16, both)
+                new += [builder.add(acc[VECS * r + j], builder.call(shuf, [t32, nib[j]]))
+                        for j in range(VECS)]
+            return new
 
-        builder.position_at_end(done)
-        phis = []
-        for b in new:
-            f = builder.phi(v32)
-            f.add_incoming(zero, entry)
-            f.add_incoming(b, tail)
-            phis.append(f)
+        phis = accumulate(builder, k0, k1, zero, ROWS * VECS, body, "nib")
         sums = [builder.zext(f, w32) for f in phis]
         ptrs = [builder.bitcast(builder.gep(out_p, [builder.add(
             builder.mul(ldo, ir.Constant(i64, r)), ir.Constant(i64, LANES * j))]),

@@ -129,12 +129,19 @@ def test_tile_loop_is_fma_on_vector_registers():
     t = np.zeros((o, 1, h * w), np.float32)
     fresh(directconv.pack(np.zeros((9, o, c), np.float32)),
           directconv.offsets(c, h, w, xp.shape[2]), xp, h, w, t)
-    lines = "\n".join(fresh.inspect_asm().values()).lower().splitlines()
-    fma = [i for i, line in enumerate(lines) if re.search(r"vfmadd\d+ps\s.*%ymm", line)]
-    assert len(fma) >= 8 and len(fma) % 8 == 0
-    start = fma[0]
+    check_vector_loop(fresh, r"vfmadd\d+ps\s.*%ymm", 8)
+
+
+def check_vector_loop(jitted, pattern: str, per_term: int):
+    """In the asm of a (fresh, non-caching) jitted function: the instructions matching
+    ``pattern`` come in a multiple of ``per_term`` (the tile's per-term count, maybe unrolled),
+    and no ymm register goes to or from the stack between the label before the first of them
+    and the last (the accumulators stay in registers)."""
+    lines = "\n".join(jitted.inspect_asm().values()).lower().splitlines()
+    hits = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+    assert len(hits) >= per_term and len(hits) % per_term == 0
+    start = hits[0]
     while start > 0 and not re.match(r"^\S+:", lines[start]):
         start -= 1
-    loop = lines[start:fma[-1] + 1]
-    spills = [line for line in loop if "(%rsp)" in line and "%ymm" in line]
+    spills = [line for line in lines[start:hits[-1] + 1] if "(%rsp)" in line and "%ymm" in line]
     assert not spills, "vector registers spilled in the tile loop"

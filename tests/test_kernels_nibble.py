@@ -2,14 +2,13 @@
 layout exactly, its counts equal to the popcount definition in every form (AVX2 tiles, plain
 loops, NumPy), the block and the edge program bit-identical to the reference, and its tile as
 ``vpshufb`` on vector registers."""
-import re
-
 import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from test_kernels_conv import block_case, reference_block
+from test_kernels_directconv import check_vector_loop
 from xnorcdl.backends.fast import FastExecutor
 from xnorcdl.backends.reference import ReferenceExecutor
 from xnorcdl.format import random_weights
@@ -245,14 +244,7 @@ def test_tile_is_vpshufb_on_vector_registers():
     codes = np.ones((o, c, 3, 3), np.int8)
     fresh(nc.weight_tables(codes), np.zeros(nc.plane_bytes(c, h, w), np.uint8),
           nc.term_offsets(c, h, w), np.zeros((o, nc.geometry(h, w, 1)[5]), np.int16))
-    lines = "\n".join(fresh.inspect_asm().values()).lower().splitlines()
-    shuf = [i for i, line in enumerate(lines) if re.search(r"vpshufb\s.*%ymm", line)]
-    assert len(shuf) >= 8 and len(shuf) % 8 == 0
-    start = shuf[0]
-    while start > 0 and not re.match(r"^\S+:", lines[start]):
-        start -= 1
-    loop = lines[start:shuf[-1] + 1]
-    assert not [line for line in loop if "(%rsp)" in line and "%ymm" in line]
+    check_vector_loop(fresh, r"vpshufb\s.*%ymm", 8)
 
 
 @pytest.mark.skipif(SLOW, reason="needs the JIT")

@@ -1,0 +1,41 @@
+"""The counted loop with vector accumulators that the ``@intrinsic`` tiles emit in LLVM IR
+(:mod:`~xnorcdl.kernels.directconv`, :mod:`~xnorcdl.kernels.nibbleconv`): the accumulators are
+loop phis, so they live in vector registers whatever LLVM's vectorizers decide."""
+from __future__ import annotations
+
+from llvmlite import ir
+
+
+def accumulate(builder, start, stop, zero, n_acc, body, name):
+    """Emit ``for k in range(start, stop): acc = body(k, acc)`` with ``n_acc`` accumulators
+    starting at ``zero`` (a constant of their type); ``body(k, acc)`` emits the loop body at
+    the builder and returns the new accumulators. Returns their values after the loop (zero
+    when it does not run), with the builder positioned after it."""
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block(name + ".loop")
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    acc = [builder.phi(zero.type) for _ in range(n_acc)]
+    k.add_incoming(start, entry)
+    for a in acc:
+        a.add_incoming(zero, entry)
+    new = body(k, acc)
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    tail = builder.block
+    k.add_incoming(k_next, tail)
+    for a, b in zip(acc, new):
+        a.add_incoming(b, tail)
+    builder.cbranch(builder.icmp_signed("<", k_next, stop), loop, done)
+
+    builder.position_at_end(done)
+    out = []
+    for b in new:                     # all phis first: LLVM wants them at the top of the block
+        f = builder.phi(zero.type)
+        f.add_incoming(zero, entry)
+        f.add_incoming(b, tail)
+        out.append(f)
+    return out
