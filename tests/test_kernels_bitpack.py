@@ -50,6 +50,7 @@ def popcount_of(v):
     return popcount(v)          # an intrinsic is callable from jitted code only
 
 
+@settings(deadline=None)        # the first example compiles popcount_of (seconds on a busy host)
 @given(st.integers(0, 2**64 - 1))
 def test_popcount_matches_python(v):
     assert int(popcount_of(np.uint64(v))) == bin(v).count("1")
