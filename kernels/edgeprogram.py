@@ -38,7 +38,7 @@ import numpy as np
 
 from .binaryblock import binary_block_forward
 from .nibbleblock import NibbleBlock, nibble_block_forward
-from .nibbleconv import geometry as nibble_geometry
+from .nibbleconv import geometry as nibble_geometry, geometry_jit
 from .bitconv import bitconv_forward
 from .codeconv import codeconv_forward, phase_geometry
 from .exits import avg_pool_flat
@@ -152,8 +152,8 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                 # base2, lo, hi are int16. wk[:Q2] is free here (the shortcut conv has written
                 # given).
                 kind, t1, t2, stride = m[F0], m[F0 + 4], m[F0 + 10], m[STRIDE]
-                q1 = nibble_geometry(h, w, stride)[5]
-                q2 = nibble_geometry(ho, wo, 1)[5]
+                q1 = geometry_jit(h, w, stride)[5]
+                q2 = geometry_jit(ho, wo, 1)[5]
                 given = bufs[3 - m[SRC] - m[DST], :o_n * ho * wo].reshape(1, o_n, ho, wo)
                 if kind == 2:
                     _ordered_conv(x, f32, wk, m, F0 + 21, given)

@@ -22,6 +22,7 @@ keeps LLVM's choice (any other value, or none, asks for 512); a ``NUMBA_CPU_NAME
 alone. The setting is process-wide: Numba functions of the caller compiled after this import
 get it too. Numba's cache keys on the features, so entries of either width are kept apart.
 """
+import functools
 import os
 import sys
 
@@ -46,17 +47,23 @@ def wide_vector_features():
         return None
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
         return None
-    import llvmlite.binding as ll
-    features = ll.get_host_cpu_features()
+    features = host_features()
     if not features.get("avx512f"):
         return None
     return features.flatten() + ",-prefer-256-bit"
 
 
+@functools.lru_cache(maxsize=None)
+def host_features():
+    """LLVM's feature map of this processor, read once (each query costs about 0.25 ms, and
+    the fast backend asks per block); not to be modified."""
+    import llvmlite.binding as ll
+    return ll.get_host_cpu_features()
+
+
 def host_has(feature: str) -> bool:
     """Whether this processor has ``feature`` (an LLVM feature name: "avx2", "avx512f", ...)."""
-    import llvmlite.binding as ll
-    return bool(ll.get_host_cpu_features().get(feature))
+    return bool(host_features().get(feature))
 
 
 def target_has(feature: str) -> bool:

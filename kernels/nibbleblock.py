@@ -27,8 +27,8 @@ import numpy as np
 from .binaryblock import GIVEN, ZERO_PAD, BinaryBlock, given_shortcut
 from .bitconv import as_float32_nchw
 from .jit import numba
-from .nibbleconv import (geometry, nibble_counts, pack_nibbles, plane_bytes, supports,
-                         term_offsets, to_padded_rows, weight_tables)
+from .nibbleconv import (geometry, geometry_jit, nibble_counts, pack_nibbles, plane_bytes,
+                         supports, term_offsets, to_padded_rows, weight_tables)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -81,8 +81,8 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
     shortcut_kind is GIVEN (ignored otherwise)."""
     n_s, c_in, h, w = x.shape
     o_n = out.shape[1]
-    ho, wo, wq1, _, _, q1 = geometry(h, w, stride)
-    _, _, wq2, _, _, q2 = geometry(ho, wo, 1)
+    ho, wo, wq1, _, _, q1 = geometry_jit(h, w, stride)
+    _, _, wq2, _, _, q2 = geometry_jit(ho, wo, 1)
     acc1 = acc.reshape(acc.size)[:o_n * q1].reshape(o_n, q1)
     acc2 = acc.reshape(acc.size)[:o_n * q2].reshape(o_n, q2)
     hq = ho * wq2
@@ -132,9 +132,8 @@ class NibbleBlock:
                         and supports(c2.in_channels, c2.out_channels, c2.stride))
         if self.applies:
             self.lut1, self.lut2 = weight_tables(c1.w_codes), weight_tables(c2.w_codes)
-            # the intervals in int16 (|A1| <= 9C < 2^15: the clip changes nothing)
-            self.lo, self.hi = (np.clip(v, -2**15, 2**15 - 1).astype(np.int16)
-                                for v in (block.lo, block.hi))
+            # the intervals in int16: they lie in [-9C, 9C], and supports() keeps 9C < 2^15
+            self.lo, self.hi = block.lo.astype(np.int16), block.hi.astype(np.int16)
         self._geo = {}
 
     def prepared(self, h: int, w: int):

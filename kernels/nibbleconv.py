@@ -48,6 +48,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .bitconv import BitConv, as_float32_nchw
 from .irloop import accumulate
 from .jit import numba, target_has
 from .quantize import batchnorm
@@ -66,7 +67,6 @@ def supports(c_in: int, o_n: int, stride: int) -> bool:
             and o_n % ROWS == 0 and o_n > 0)
 
 
-@numba.njit(cache=True, nogil=True)
 def geometry(h, w, stride):
     """(Ho, Wo, Wq, Lq, phases, Q) of an h x w input: output size, the row width and length of
     one plane, planes per nibble (1, or the 4 phases of stride 2), outputs computed (whole
@@ -78,6 +78,10 @@ def geometry(h, w, stride):
         wq, hq, phases = wo + 1, ho + 1, 4
     q = (ho * wq + TILE - 1) // TILE * TILE
     return ho, wo, wq, hq * wq, phases, q
+
+
+#: :func:`geometry` for jitted callers (Python callers call it directly: no dispatch)
+geometry_jit = numba.njit(cache=True, nogil=True)(geometry)
 
 
 def plane_bytes(c_in: int, h: int, w: int, stride: int = 1) -> int:
@@ -265,7 +269,7 @@ def pack_nibbles(x, scale, shift, stride, xn, tmp):
     0). tmp: uint8 scratch of H W bytes (each nibble is built there by flat loops over the
     image, then copied row by row)."""
     c_in, h, w = x.shape
-    _, _, wq, lq, phases, _ = geometry(h, w, stride)
+    _, _, wq, lq, phases, _ = geometry_jit(h, w, stride)
     hw = h * w
     xf = x.reshape(c_in * hw)
     zero = np.float32(0.0)
@@ -310,7 +314,7 @@ def nibbleconv_forward(x, bn_scale, bn_shift, stride, lut, offs, base, out_scale
     (:func:`plane_bytes`, H W bytes, ``[O, Q]``)."""
     n_s, c_in, h, w = x.shape
     o_n = out.shape[1]
-    ho, wo, wq, _, _, _ = geometry(h, w, stride)
+    ho, wo, wq, _, _, _ = geometry_jit(h, w, stride)
     for n in range(n_s):
         pack_nibbles(x[n], bn_scale, bn_shift, stride, xn, tmp)
         nibble_counts(lut, xn, offs, acc)
@@ -333,7 +337,6 @@ class NibbleConv:
 
     def __init__(self, w_codes, out_scale, bn_scale, bn_shift, bits: int = 1, v0: float = 1.0,
                  stride: int = 1):
-        from .bitconv import BitConv
         if bits != 1:
             raise ValueError(f"bits: NibbleConv is binary (1 bit), got {bits!r}")
         self.bitconv = c = BitConv(w_codes, out_scale, bn_scale, bn_shift, bits, v0, stride)
@@ -353,7 +356,6 @@ class NibbleConv:
         return geo
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from .bitconv import as_float32_nchw
         c = self.bitconv
         if not self.applies:
             return c(x)
