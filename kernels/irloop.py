@@ -8,9 +8,11 @@ from llvmlite import ir
 
 def accumulate(builder, start, stop, zero, n_acc, body, name):
     """Emit ``for k in range(start, stop): acc = body(k, acc)`` with ``n_acc`` accumulators
-    starting at ``zero`` (a constant of their type); ``body(k, acc)`` emits the loop body at
-    the builder and returns the new accumulators. Returns their values after the loop (zero
-    when it does not run), with the builder positioned after it."""
+    starting at ``zero`` (a constant of their type, or a list of ``n_acc`` values computed
+    before the loop); ``body(k, acc)`` emits the loop body at the builder and returns the new
+    accumulators. Returns their values after the loop (the starting values when it does not
+    run), with the builder positioned after it."""
+    inits = list(zero) if isinstance(zero, (list, tuple)) else [zero] * n_acc
     i64 = ir.IntType(64)
     entry = builder.block
     loop = builder.append_basic_block(name + ".loop")
@@ -19,10 +21,10 @@ def accumulate(builder, start, stop, zero, n_acc, body, name):
 
     builder.position_at_end(loop)
     k = builder.phi(i64)
-    acc = [builder.phi(zero.type) for _ in range(n_acc)]
+    acc = [builder.phi(v.type) for v in inits]
     k.add_incoming(start, entry)
-    for a in acc:
-        a.add_incoming(zero, entry)
+    for a, v in zip(acc, inits):
+        a.add_incoming(v, entry)
     new = body(k, acc)
     k_next = builder.add(k, ir.Constant(i64, 1))
     tail = builder.block
@@ -33,9 +35,9 @@ def accumulate(builder, start, stop, zero, n_acc, body, name):
 
     builder.position_at_end(done)
     out = []
-    for b in new:                     # all phis first: LLVM wants them at the top of the block
-        f = builder.phi(zero.type)
-        f.add_incoming(zero, entry)
+    for b, v in zip(new, inits):      # all phis first: LLVM wants them at the top of the block
+        f = builder.phi(v.type)
+        f.add_incoming(v, entry)
         f.add_incoming(b, tail)
         out.append(f)
     return out

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xnorcdl.kernels import reference as ref
+from xnorcdl.kernels import ordered
 from xnorcdl.kernels.ordered import ordered_conv3x3, ordered_gemm, ordered_linear
 
 SLOW = numba.config.DISABLE_JIT
@@ -114,3 +115,29 @@ def test_ordered_conv3x3_reads_the_padded_images_in_the_same_order(seed, o, c, h
     ordered_conv3x3(weight.reshape(o, -1), flat, plane, wp, h * wp, acc)
     want = ref.conv2d(x, weight, 1, 1, ordered=True)[0]
     assert np.array_equal(acc.reshape(o, h, wp)[:, :, :w], want)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), o=st.integers(1, 19), c=st.integers(1, 4),
+       h=st.integers(1, 12), w=st.integers(1, 34))
+def test_ordered_conv3x3_tiles_equal_the_reference(seed, o, c, h, w):
+    """Shapes with whole register tiles (ordered.ROWS channels x ordered.TILE pixels) and remainders of
+    both: the tiles' sums are the reference's, bit for bit, and so are the loops' on the rest."""
+    weight, x = operands(seed, (o, c, 3, 3), (1, c, h, w))
+    wp, plane = w + 2, (h + 2) * (w + 2)
+    flat = np.full(c * plane + 2, np.float32(np.nan))
+    flat[:c * plane] = np.pad(x[0], ((0, 0), (1, 1), (1, 1))).reshape(-1)
+    acc = np.full((o, h * wp), np.nan, np.float32)
+    ordered_conv3x3(weight.reshape(o, -1), flat, plane, wp, h * wp, acc)
+    want = ref.conv2d(x, weight, 1, 1, ordered=True)[0]
+    assert np.array_equal(acc.reshape(o, h, wp)[:, :, :w], want)
+
+
+@pytest.mark.skipif(SLOW, reason="needs the JIT")
+def test_ordered_conv3x3_tiles_compile_to_vector_products_without_fma():
+    """The stem's tiles are vector multiplies and adds, never fused: each product is rounded."""
+    wm = np.ones((4, 27), np.float32)
+    flat = np.ones(3 * 36 + 2, np.float32)
+    asm = _asm(ordered._conv3x3_jit.py_func, False, wm, flat, 36, 6, 24, np.empty((4, 24), np.float32))
+    assert "vmulps" in asm and "vaddps" in asm
+    assert not any(op in asm for op in FMA), "the stem's tiles contract into an FMA"
