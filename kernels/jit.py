@@ -21,8 +21,17 @@ float sum whatever the width, and the integer sums are exact. ``XNORCDL_VECTOR_B
 keeps LLVM's choice (any other value, or none, asks for 512); a ``NUMBA_CPU_NAME`` or ``NUMBA_CPU_FEATURES`` of the user's is left
 alone. The setting is process-wide: Numba functions of the caller compiled after this import
 get it too. Numba's cache keys on the features, so entries of either width are kept apart.
+
+**Cache folder.** Numba revalidates a cached function against its own source file only: a
+function that calls a kernel of another module (the edge program calls nearly all of them)
+keeps running the callee's old machine code from the cache after that module changed. So,
+unless the user chose ``NUMBA_CACHE_DIR``, the cache lives in
+``$XDG_CACHE_HOME/xnorcdl/numba/<fingerprint>`` (``~/.cache`` by default), the fingerprint a
+hash of every source file of this package (:func:`source_fingerprint`): any change of a kernel
+starts a fresh cache, a warm one is reused as long as nothing changed.
 """
 import functools
+import hashlib
 import os
 import sys
 
@@ -80,8 +89,32 @@ def target_has(feature: str) -> bool:
 if numba.config.CPU_FEATURES is None and not numba.config.DISABLE_JIT:
     numba.config.CPU_FEATURES = wide_vector_features()
 
+
+def source_fingerprint(folder: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """16 hex digits of sha256 over the names and bytes of the ``.py`` files in ``folder``."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cache_folder() -> str:
+    """Where the kernels' compiled code is cached: ``NUMBA_CACHE_DIR`` when the user set it,
+    else ``$XDG_CACHE_HOME/xnorcdl/numba/<source_fingerprint()>``."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xnorcdl", "numba", source_fingerprint())
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    numba.config.CACHE_DIR = cache_folder()
+
 if not _kernels.NUMBA_EXTENSIONS:     # set by python -m xnorcdl (xnorcdl.cli)
     from numba.core import entrypoints as _entrypoints
     _entrypoints._already_initialized = True
 
-__all__ = ["numba", "wide_vector_features"]
+__all__ = ["numba", "wide_vector_features", "source_fingerprint", "cache_folder"]

@@ -94,3 +94,39 @@ def test_wide_vector_features_respects_the_environment(monkeypatch):
     monkeypatch.setenv("XNORCDL_VECTOR_BITS", "512")
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")
     assert wide_vector_features() is None
+
+
+def test_cache_folder_follows_the_sources(tmp_path, monkeypatch):
+    """The cache folder's name is a fingerprint of the kernels' sources: a one-byte change of
+    any module gives another folder (Numba would revalidate only the changed module's own
+    functions, and callers elsewhere would keep its old code); ``NUMBA_CACHE_DIR`` wins."""
+    from xnorcdl.kernels import jit
+    src = os.path.dirname(jit.__file__)
+    for name in ("jit.py", "ordered.py", "edgeprogram.py"):
+        with open(os.path.join(src, name), "rb") as f:
+            (tmp_path / name).write_bytes(f.read())
+    before = jit.source_fingerprint(str(tmp_path))
+    assert re.fullmatch(r"[0-9a-f]{16}", before)
+    assert jit.source_fingerprint(str(tmp_path)) == before
+    (tmp_path / "ordered.py").write_bytes((tmp_path / "ordered.py").read_bytes() + b" ")
+    assert jit.source_fingerprint(str(tmp_path)) != before
+    (tmp_path / "notes.txt").write_text("not a source")
+    changed = jit.source_fingerprint(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("still not a source")
+    assert jit.source_fingerprint(str(tmp_path)) == changed
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert jit.cache_folder() == str(tmp_path / "xdg" / "xnorcdl" / "numba"
+                                     / jit.source_fingerprint())
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    assert jit.cache_folder() == str(tmp_path / "mine")
+
+
+def test_this_process_caches_in_the_fingerprinted_folder():
+    from xnorcdl.kernels import jit
+    from xnorcdl.kernels.ordered import ordered_gemm
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        pytest.skip("cache folder chosen by the environment")
+    assert numba.config.CACHE_DIR == jit.cache_folder()
+    assert ordered_gemm._cache._cache_path.startswith(jit.cache_folder())
