@@ -34,9 +34,13 @@ with unit stride.
 """
 from __future__ import annotations
 
-from .jit import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
+from .irloop import accumulate
+from .jit import numba, target_has
 from .quantize import batchnorm, kbit_level, kbit_step, levels
 
 WORD_BITS = 64
@@ -106,6 +110,80 @@ def pack_weight_rows(w_codes: np.ndarray, bits: int) -> np.ndarray:
     return pack_channels(rows)
 
 
+#: float32 lanes per vector (16 on AVX-512, 8 elsewhere) and vectors per tile of
+#: :func:`_sign_tile`: each channel's row is read a few cache lines at a time
+SIGN_LANES = 16 if target_has("avx512f") else 8
+SIGN_VECS = 4
+SIGN_TILE = SIGN_LANES * SIGN_VECS
+
+
+@intrinsic
+def _sign_tile(typingctx, x_addr, ld, scale_addr, shift_addr, channels, out_addr):
+    """``out[i] = sum_{c < channels} 2^c [not (x[c ld + i] * scale[c] + shift[c] >= 0)]`` for
+    i < SIGN_TILE (addresses as integers, x float32, out uint64; channels <= 64): the sign
+    bits of one word per pixel, ORed in ``<L x i32>`` registers (channels 0-31 and 32-63)
+    over the channels, then stored once. ``fmul`` then ``fadd``, each rounded (no fast-math
+    flags), and ``fcmp ult`` (true for y < 0 and for NaN) is ``not (y >= 0)``."""
+    sig = types.void(*([types.intp] * 6))
+
+    def codegen(context, builder, signature, args):
+        xa, ld, sa, ta, channels, oa = args
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        lanes = SIGN_LANES
+        vf, vi, vq = ir.VectorType(f32, lanes), ir.VectorType(i32, lanes), ir.VectorType(i64, lanes)
+        x_p = builder.inttoptr(xa, f32.as_pointer())
+        s_p = builder.inttoptr(sa, f32.as_pointer())
+        t_p = builder.inttoptr(ta, f32.as_pointer())
+        o_p = builder.inttoptr(oa, i64.as_pointer())
+        undef_f, undef_i = ir.Constant(vf, ir.Undefined), ir.Constant(vi, ir.Undefined)
+        splat = ir.Constant(vi, [0] * lanes)
+        zero_i, zero_f = ir.Constant(vi, None), ir.Constant(vf, None)
+
+        def bcast(value, undef):
+            return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)),
+                                          undef, splat)
+
+        def body(c, acc):
+            row = builder.gep(x_p, [builder.mul(c, ld)])
+            scale = bcast(builder.load(builder.gep(s_p, [c])), undef_f)
+            shift = bcast(builder.load(builder.gep(t_p, [c])), undef_f)
+            bit = bcast(builder.shl(ir.Constant(i32, 1), builder.trunc(
+                builder.and_(c, ir.Constant(i64, 31)), i32)), undef_i)
+            new = []
+            for j in range(SIGN_VECS):
+                v = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, lanes * j)]),
+                                                 vf.as_pointer()), align=4)
+                neg = builder.fcmp_unordered("<", builder.fadd(builder.fmul(v, scale), shift), zero_f)
+                new.append(builder.or_(acc[j], builder.select(neg, bit, zero_i)))
+            return new
+
+        lo_end = builder.select(builder.icmp_signed("<", channels, ir.Constant(i64, 32)),
+                                channels, ir.Constant(i64, 32))
+        lo = accumulate(builder, ir.Constant(i64, 0), lo_end, zero_i, SIGN_VECS, body, "signs_lo")
+        hi = accumulate(builder, ir.Constant(i64, 32), channels, zero_i, SIGN_VECS, body,
+                        "signs_hi")
+        for j in range(SIGN_VECS):
+            word = builder.or_(builder.zext(lo[j], vq),
+                               builder.shl(builder.zext(hi[j], vq), ir.Constant(vq, [32] * lanes)))
+            dst = builder.bitcast(builder.gep(o_p, [ir.Constant(i64, lanes * j)]), vq.as_pointer())
+            builder.store(word, dst, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack_signs_tiles(xf, scale, shift, dst):
+    """Bit plane 0 of :func:`pack_activations` for C <= 64 (one word per pixel) by
+    :func:`_sign_tile` over whole vectors of pixels; returns how many pixels it packed."""
+    c_in, n_px = xf.shape
+    full = n_px - n_px % SIGN_TILE
+    for p in range(0, full, SIGN_TILE):
+        _sign_tile(xf.ctypes.data + 4 * p, n_px, scale.ctypes.data, shift.ctypes.data, c_in,
+                   dst.ctypes.data + 8 * p)
+    return full
+
+
 @numba.njit(cache=True, nogil=True)
 def pack_activations(x, scale, shift, bits, v0, out):
     """BN, quantize and pack one sample for a 3x3 convolution.
@@ -121,6 +199,18 @@ def pack_activations(x, scale, shift, bits, v0, out):
     n_px = h * w
     xf = x.reshape(c_in, n_px)
     of = out.reshape(bits, out.shape[1], n_px)
+    if bits == 1 and c_in <= 64 and not numba.config.DISABLE_JIT:
+        # one word per pixel: every channel's sign ORed in registers, each word stored once
+        dst = of[0, 0]
+        done = _pack_signs_tiles(xf, scale, shift, dst)
+        zero = np.float32(0.0)
+        for p in range(done, n_px):
+            word = np.uint64(0)
+            for c in range(c_in):
+                if not batchnorm(xf[c, p], scale[c], shift[c]) >= zero:
+                    word |= np.uint64(1) << np.uint64(c)
+            dst[p] = word
+        return out
     if bits == 1:
         # 32 channels at a time into uint32 words (8 lanes per AVX2 vector instead of 4), then
         # each uint64 word is the low half | high half << 32

@@ -95,3 +95,27 @@ def test_pack_weight_rows_order():
     assert wp.shape == (2, 1, 3, 1)
     assert not wp[0].any()
     assert int(wp[1, 0, 2, 0]) == 1 << (1 * c + 3) and not wp[1, 0, :2].any()
+
+
+@settings(max_examples=10 if numba.config.DISABLE_JIT else 60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), channels=st.integers(1, 64), h=st.integers(1, 12),
+       w=st.integers(1, 12))
+def test_binary_packing_tiles_equal_the_convention(seed, channels, h, w):
+    """One word per pixel (C <= 64): the packing tiles (whole vectors of pixels, the rest by a
+    loop) set the bit of each channel exactly when not (x * scale + shift >= 0): -0.0 and 0.0
+    pack as +1, NaN as -1; stale bits of the output are overwritten."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((channels, h, w)) * 2).astype(np.float32)
+    scale = rng.standard_normal(channels).astype(np.float32)
+    shift = rng.standard_normal(channels).astype(np.float32)
+    flat = x.reshape(channels, -1)
+    picks = rng.integers(0, flat.shape[1], 3)
+    flat[0, picks[0]], flat[-1, picks[1]], flat[channels // 2, picks[2]] = 0.0, -0.0, np.nan
+    shift[::3] = 0.0
+    out = np.full((1, 1, h, w), 2**64 - 1, np.uint64)
+    bitpack.pack_activations(x, scale, shift, 1, 1.0, out)
+    y = x * scale[:, None, None] + shift[:, None, None]
+    want = np.zeros((h, w), np.uint64)
+    for c in range(channels):
+        want |= (~(y[c] >= 0)).astype(np.uint64) << np.uint64(c)
+    assert np.array_equal(out[0, 0], want)
