@@ -1,6 +1,7 @@
 """The direct 3x3 conv (xnorcdl/kernels/directconv.py): its packing exactly, its sums within the
 float32 bound of a 9C-term dot product, the cloud block taking it where its tiles fit, and its
 inner loop as FMA on vector registers."""
+import math
 import re
 
 import numba
@@ -25,19 +26,22 @@ def padded_flat(x):
     return xp
 
 
-# shapes the tiles cover: rows of 8 or 16 pixels, 16 pixels per tile, 4 channels per tile
+# shapes the tiles cover: rows of 8, 16 or 24 pixels, PIXELS (16 or 32) pixels per tile, 4
+# channels per tile
+PIX = directconv.PIXELS
 tiled = st.tuples(st.sampled_from([8, 16, 24]), st.integers(1, 6)).map(
-    lambda wh: (wh[1] * (2 if wh[0] % 16 else 1), wh[0]))
+    lambda wh: (wh[1] * (PIX // math.gcd(PIX, wh[0])), wh[0]))
 
 
 def test_supports():
     assert directconv.supports(16, 32, 32) and directconv.supports(64, 8, 8)
-    assert directconv.supports(4, 1, 16) and directconv.supports(8, 2, 8)
+    assert directconv.supports(4, PIX // 16, 16) and directconv.supports(8, PIX // 8, 8)
     assert not directconv.supports(6, 8, 8)      # channels not a multiple of 4
     assert not directconv.supports(8, 8, 12)     # rows not made of 8-pixel runs
-    assert not directconv.supports(8, 1, 8)      # 8 pixels: not a whole tile
+    assert not directconv.supports(8, PIX // 8 - 1, 8)   # not a whole tile
 
 
+@SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), ob=st.integers(1, 4), c=st.integers(1, 9),
        h=st.integers(1, 9), w=st.integers(1, 9))
 def test_pack_and_offsets_layout(seed, ob, c, h, w):
@@ -120,16 +124,16 @@ def test_cloud_block_takes_the_tiles_where_they_fit(seed, c4, hw, n, kind):
 
 @pytest.mark.skipif(SLOW, reason="needs the JIT")
 def test_tile_loop_is_fma_on_vector_registers():
-    """The tile's inner loop: eight (or an unrolled multiple of eight) ``vfmadd`` on ymm
-    registers per term, and no vector register to or from the stack inside it (the eight
-    accumulators stay in registers)."""
+    """The tile's inner loop: eight (or an unrolled multiple of eight) ``vfmadd`` on vector
+    registers per term (zmm on AVX-512 targets, else ymm), and no vector register to or from
+    the stack inside it (the eight accumulators stay in registers)."""
     fresh = numba.njit(nogil=True)(directconv._conv3x3_jit.py_func)
-    c, o, h, w = 4, 4, 2, 8
+    c, o, h, w = 4, 4, PIX // 8, 8
     xp = np.zeros((1, c, (h + 2) * (w + 2) + 2), np.float32)
     t = np.zeros((o, 1, h * w), np.float32)
     fresh(directconv.pack(np.zeros((9, o, c), np.float32)),
           directconv.offsets(c, h, w, xp.shape[2]), xp, h, w, t)
-    check_vector_loop(fresh, r"vfmadd\d+ps\s.*%ymm", 8)
+    check_vector_loop(fresh, r"vfmadd\d+ps\s.*%" + ("zmm" if directconv.WIDE else "ymm"), 8)
 
 
 def check_vector_loop(jitted, pattern: str, per_term: int):
@@ -143,5 +147,6 @@ def check_vector_loop(jitted, pattern: str, per_term: int):
     start = hits[0]
     while start > 0 and not re.match(r"^\S+:", lines[start]):
         start -= 1
-    spills = [line for line in lines[start:hits[-1] + 1] if "(%rsp)" in line and "%ymm" in line]
+    spills = [line for line in lines[start:hits[-1] + 1]
+              if "(%rsp)" in line and ("%ymm" in line or "%zmm" in line)]
     assert not spills, "vector registers spilled in the tile loop"
