@@ -79,46 +79,58 @@ def offsets(c_in: int, h: int, w: int, length: int) -> np.ndarray:
                                 .reshape(-1))
 
 
+def _tile_codegen(builder, a, bases, boff, c, terms, ldc, runs):
+    """The IR of a tile: 4 rows x 2 vectors of ``runs`` 8-pixel runs each (``bases``: the
+    2 runs input addresses of the runs), per term the runs loaded (and joined into one vector when runs = 2), four
+    weight broadcasts and eight FMAs, the sums stored at the end."""
+    f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+    lanes = _LANES * runs
+    v8, vec_t = ir.VectorType(f32, _LANES), ir.VectorType(f32, lanes)
+    fp = f32.as_pointer()
+    mod = builder.module
+    name = f"llvm.fma.v{lanes}f32"
+    fma = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(vec_t, [vec_t] * 3), name=name)
+    a_p = builder.inttoptr(a, fp)
+    b_ps = [builder.inttoptr(b, fp) for b in bases]
+    off_p = builder.inttoptr(boff, i64.as_pointer())
+    c_p = builder.inttoptr(c, fp)
+    zero, undef = ir.Constant(vec_t, None), ir.Constant(vec_t, ir.Undefined)
+    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+    join = ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
+
+    def body(k, acc):
+        off = builder.load(builder.gep(off_p, [k]))
+        loaded = [builder.load(builder.bitcast(builder.gep(b_p, [off]), v8.as_pointer()), align=4)
+                  for b_p in b_ps]
+        vec = loaded if runs == 1 else [builder.shuffle_vector(loaded[2 * j], loaded[2 * j + 1],
+                                                               join) for j in range(2)]
+        base = builder.mul(k, ir.Constant(i64, ROWS))
+        new = []
+        for r in range(ROWS):
+            s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
+            sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
+                                        undef, splat)
+            new += [builder.call(fma, [sv, vec[j], acc[2 * r + j]]) for j in range(2)]
+        return new
+
+    out = accumulate(builder, ir.Constant(i64, 0), terms, zero, 2 * ROWS, body, f"tile{lanes}")
+    for r in range(ROWS):
+        row = builder.gep(c_p, [builder.mul(ldc, ir.Constant(i64, r))])
+        for j in range(2):
+            dst = builder.bitcast(builder.gep(row, [ir.Constant(i64, lanes * j)]),
+                                  vec_t.as_pointer())
+            builder.store(out[2 * r + j], dst, align=4)
+
+
 @intrinsic
 def _tile(typingctx, a_addr, b0_addr, b1_addr, boff_addr, c_addr, terms, ldc):
     """4 x 16 outputs: ``C[r ldc + 8 j + i] = sum_k A[4k + r] B_j[boff[k] + i]`` for r < 4,
     j < 2, i < 8 (addresses as integers, ldc in floats), the sum in k order by FMA."""
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp,
-                     types.intp)
+    sig = types.void(*([types.intp] * 7))
 
     def codegen(context, builder, signature, args):
         a, b0, b1, boff, c, terms, ldc = args
-        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
-        v8 = ir.VectorType(f32, _LANES)
-        fp, vp = f32.as_pointer(), v8.as_pointer()
-        mod = builder.module
-        fma = mod.globals.get("llvm.fma.v8f32") or ir.Function(
-            mod, ir.FunctionType(v8, [v8, v8, v8]), name="llvm.fma.v8f32")
-        a_p = builder.inttoptr(a, fp)
-        b_ps = [builder.inttoptr(b, fp) for b in (b0, b1)]
-        off_p = builder.inttoptr(boff, i64.as_pointer())
-        c_p = builder.inttoptr(c, fp)
-        zero, undef = ir.Constant(v8, None), ir.Constant(v8, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES)
-        def body(k, acc):
-            off = builder.load(builder.gep(off_p, [k]))
-            vec = [builder.load(builder.bitcast(builder.gep(b_p, [off]), vp), align=4)
-                   for b_p in b_ps]
-            base = builder.mul(k, ir.Constant(i64, ROWS))
-            new = []
-            for r in range(ROWS):
-                s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
-                s8 = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
-                                            undef, splat)
-                new += [builder.call(fma, [s8, vec[j], acc[2 * r + j]]) for j in range(2)]
-            return new
-
-        out = accumulate(builder, ir.Constant(i64, 0), terms, zero, 2 * ROWS, body, "tile")
-        for r in range(ROWS):
-            row = builder.gep(c_p, [builder.mul(ldc, ir.Constant(i64, r))])
-            for j in range(2):
-                dst = builder.bitcast(builder.gep(row, [ir.Constant(i64, _LANES * j)]), vp)
-                builder.store(out[2 * r + j], dst, align=4)
+        _tile_codegen(builder, a, (b0, b1), boff, c, terms, ldc, 1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -134,41 +146,7 @@ def _tile_wide(typingctx, a_addr, b0_addr, b1_addr, b2_addr, b3_addr, boff_addr,
 
     def codegen(context, builder, signature, args):
         a, b0, b1, b2, b3, boff, c, terms, ldc = args
-        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
-        v8, v16 = ir.VectorType(f32, _LANES), ir.VectorType(f32, 2 * _LANES)
-        fp = f32.as_pointer()
-        mod = builder.module
-        fma = mod.globals.get("llvm.fma.v16f32") or ir.Function(
-            mod, ir.FunctionType(v16, [v16, v16, v16]), name="llvm.fma.v16f32")
-        a_p = builder.inttoptr(a, fp)
-        b_ps = [builder.inttoptr(b, fp) for b in (b0, b1, b2, b3)]
-        off_p = builder.inttoptr(boff, i64.as_pointer())
-        c_p = builder.inttoptr(c, fp)
-        zero, undef = ir.Constant(v16, None), ir.Constant(v16, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, 2 * _LANES), [0] * (2 * _LANES))
-        join = ir.Constant(ir.VectorType(i32, 2 * _LANES), list(range(2 * _LANES)))
-
-        def body(k, acc):
-            off = builder.load(builder.gep(off_p, [k]))
-            runs = [builder.load(builder.bitcast(builder.gep(b_p, [off]), v8.as_pointer()), align=4)
-                    for b_p in b_ps]
-            vec = [builder.shuffle_vector(runs[2 * j], runs[2 * j + 1], join) for j in range(2)]
-            base = builder.mul(k, ir.Constant(i64, ROWS))
-            new = []
-            for r in range(ROWS):
-                s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
-                s16 = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
-                                             undef, splat)
-                new += [builder.call(fma, [s16, vec[j], acc[2 * r + j]]) for j in range(2)]
-            return new
-
-        out = accumulate(builder, ir.Constant(i64, 0), terms, zero, 2 * ROWS, body, "tile16")
-        for r in range(ROWS):
-            row = builder.gep(c_p, [builder.mul(ldc, ir.Constant(i64, r))])
-            for j in range(2):
-                dst = builder.bitcast(builder.gep(row, [ir.Constant(i64, 2 * _LANES * j)]),
-                                      v16.as_pointer())
-                builder.store(out[2 * r + j], dst, align=4)
+        _tile_codegen(builder, a, (b0, b1, b2, b3), boff, c, terms, ldc, 2)
         return context.get_dummy_value()
 
     return sig, codegen
