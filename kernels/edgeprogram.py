@@ -215,11 +215,11 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                     for i in range(yf.shape[0]):
                         yf[i] += g[i]
             elif op == EXIT:
-                # fields: slot, pool, features, classes, off_wt, off_bias
-                k, feats, classes = m[F0 + 1], m[F0 + 2], m[F0 + 3]
+                # fields: slot, pool, features, classes, off_wt, off_bias, columns of wt
+                k, feats, classes, ldw = m[F0 + 1], m[F0 + 2], m[F0 + 3], m[F0 + 6]
                 f = wk[:feats].reshape(1, feats)
                 avg_pool_flat(x, k, f)
-                ordered_linear(f, _f32(f32, m[F0 + 4], feats * classes).reshape(feats, classes),
+                ordered_linear(f, _f32(f32, m[F0 + 4], feats * ldw).reshape(feats, ldw),
                                _f32(f32, m[F0 + 5], classes), logits[n, m[F0]:m[F0] + 1])
         m = meta[last]
         size = m[O_N] * m[HO] * m[WO]
@@ -371,12 +371,13 @@ class EdgeProgram:
     def add_exit(self, slot, exit_layer, in_shape) -> int:
         c, h, w = in_shape
         k = exit_layer.pool
-        feats, classes = exit_layer.weight_t.shape
+        feats, ldw = exit_layer.weight_t.shape      # ldw >= classes (padded columns)
+        classes = exit_layer.bias.shape[0]
         self._work = max(self._work, feats)
         self.exits = max(self.exits, slot + 1)
         self.classes = classes
         fields = [slot, k, feats, classes, self._put(exit_layer.weight_t, np.float32),
-                  self._put(exit_layer.bias, np.float32)]
+                  self._put(exit_layer.bias, np.float32), ldw]
         return self._row(EXIT, self.cur, self.cur, c, h, w, c, h, w, 1, fields)
 
     def finish(self) -> "EdgeProgram":

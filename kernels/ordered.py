@@ -190,11 +190,10 @@ roundings in the same order either way, so the same bits."""
 
 
 @numba.njit(cache=True, nogil=True)
-def ordered_linear(f, weight_t, bias, out):
-    """``out[n, o] = (sum_k f[n, k] weight_t[k, o]) + bias[o]``, summed for k = 0..K-1 in order,
-    then the bias added (float32; weight_t is the ``[K, O]`` transpose of the layer's weight)."""
+def _linear_loops(f, weight_t, bias, out):
+    """:data:`ordered_linear` by loops over the classes (LLVM vectorizes them)."""
     n_s, k_n = f.shape
-    o_n = weight_t.shape[1]
+    o_n = out.shape[1]
     for n in range(n_s):
         acc = out[n]
         f0 = f[n, 0]
@@ -208,4 +207,74 @@ def ordered_linear(f, weight_t, bias, out):
                 acc[o] += fk * w[o]
         for o in range(o_n):
             acc[o] += bias[o]
+    return out
+
+
+@intrinsic
+def _linear_tile(typingctx, f_addr, w_addr, ldw, terms, out_addr):
+    """``out[i] = fl(... fl(fl(f[0] W[i]) + fl(f[1] W[ldw + i])) + ...)`` over k < terms for
+    i < LANES (addresses as integers, float32): one vector of sums in a register, every product
+    and partial sum rounded, k in order (``fmul``/``fadd`` without fast-math flags)."""
+    sig = types.void(*([types.intp] * 5))
+
+    def codegen(context, builder, signature, args):
+        fa, wa, ldw, terms, outa = args
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(f32, LANES)
+        f_p = builder.inttoptr(fa, f32.as_pointer())
+        w_p = builder.inttoptr(wa, f32.as_pointer())
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+        def product(k):
+            row = builder.load(builder.bitcast(builder.gep(w_p, [builder.mul(k, ldw)]),
+                                               vec.as_pointer()), align=4)
+            fk = builder.load(builder.gep(f_p, [k]))
+            fv = builder.shuffle_vector(builder.insert_element(undef, fk, ir.Constant(i32, 0)),
+                                        undef, splat)
+            return builder.fmul(fv, row)
+
+        first = product(ir.Constant(i64, 0))
+        acc, = accumulate(builder, ir.Constant(i64, 1), terms, [first], 1,
+                          lambda k, acc: [builder.fadd(acc[0], product(k))], "linear")
+        builder.store(acc, builder.bitcast(builder.inttoptr(outa, f32.as_pointer()),
+                                           vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _linear_jit(f, weight_t, bias, out):
+    """:data:`ordered_linear` by :func:`_linear_tile` on blocks of LANES classes when the rows
+    of ``weight_t`` hold whole blocks (:func:`pad_classes`), else by the loops."""
+    n_s, k_n = f.shape
+    o_n, ldw = out.shape[1], weight_t.shape[1]
+    if ldw % LANES != 0 or not f.flags.c_contiguous or not weight_t.flags.c_contiguous:
+        return _linear_loops(f, weight_t, bias, out)
+    sums = np.empty(LANES, np.float32)
+    for n in range(n_s):
+        for o0 in range(0, o_n, LANES):
+            _linear_tile(f[n].ctypes.data, weight_t.ctypes.data + 4 * o0, ldw, k_n,
+                         sums.ctypes.data)
+            for i in range(min(LANES, o_n - o0)):
+                out[n, o0 + i] = sums[i] + bias[o0 + i]
+    return out
+
+
+ordered_linear = _linear_loops if numba.config.DISABLE_JIT else _linear_jit
+"""``ordered_linear(f, weight_t, bias, out)``: ``out[n, o] = (sum_k f[n, k] weight_t[k, o]) +
+bias[o]``, summed for k = 0..K-1 in order, then the bias added (float32; weight_t is the
+``[K, O']`` transpose of the layer's weight, O' >= O = ``out.shape[1]`` columns, those past O
+ignored). With O' a multiple of LANES (:func:`pad_classes`) each block of LANES classes keeps
+its sums in one vector register over all K terms (a chain of K dependent additions, where the
+loops store and reload the partial sums at every k); the same roundings either way."""
+
+
+def pad_classes(weight_t: np.ndarray) -> np.ndarray:
+    """``[K, O]`` float32 weights with zero columns appended up to a multiple of LANES, the
+    layout in which :data:`ordered_linear` runs by register tiles."""
+    k_n, o_n = weight_t.shape
+    out = np.zeros((k_n, -(-o_n // LANES) * LANES), np.float32)
+    out[:, :o_n] = weight_t
     return out

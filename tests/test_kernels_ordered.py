@@ -65,6 +65,21 @@ def test_ordered_linear_equals_reference_and_scalar_loop(seed, o, k, n):
     assert out[m, i] == np.float32(scalar_dot(w[i], f[m]) + b[i])
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), o=st.integers(1, 40), k=st.integers(1, 900),
+       n=st.integers(1, 3))
+def test_ordered_linear_register_tiles_equal_the_reference(seed, o, k, n):
+    """Classes padded to whole tiles (ordered.pad_classes, what the exits hold): one block or
+    several, the last one partial or whole; the padded columns are never written to out."""
+    f, w, b = operands(seed, (n, k), (o, k), (o,))
+    wt = ordered.pad_classes(np.ascontiguousarray(w.T))
+    assert wt.shape == (k, -(-o // ordered.LANES) * ordered.LANES)
+    assert np.array_equal(wt[:, :o], w.T) and not wt[:, o:].any()
+    out = np.full((n, o), np.nan, np.float32)
+    ordered_linear(f, wt, b, out)
+    assert np.array_equal(out, ref.ordered_linear(f, w, b))
+
+
 def test_order_matters_for_these_operands():
     """The tests above can tell orders apart: a BLAS product of the same operands differs."""
     w, cols = operands(3, (16, 27), (4, 27, 1024))
@@ -90,7 +105,9 @@ def test_ordered_kernels_compile_without_fma():
     code compiled with fastmath is the control that the processor and the check see FMAs."""
     one = np.ones((1, 1), np.float32)
     cases = [(ordered_gemm, (one, np.ones((1, 1, 8), np.float32), np.empty((1, 1, 8), np.float32))),
-             (ordered_linear, (one, one, np.ones(1, np.float32), np.empty((1, 1), np.float32)))]
+             (ordered_linear, (one, one, np.ones(1, np.float32), np.empty((1, 1), np.float32))),
+             (ordered_linear, (np.ones((1, 3), np.float32), ordered.pad_classes(np.ones((3, 2),
+                               np.float32)), np.ones(2, np.float32), np.empty((1, 2), np.float32)))]
     for disp, args in cases:
         assert not disp.targetoptions.get("fastmath")
         control = _asm(disp.py_func, True, *args)

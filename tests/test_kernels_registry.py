@@ -26,7 +26,7 @@ NORMALIZE_KERNELS = of_kind("normalize")
 @pytest.mark.parametrize("name", list(EXIT_KERNELS))
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), c=st.integers(1, 40), h=st.integers(1, 20),
-       w=st.integers(1, 20), o=st.integers(1, 12), n=st.integers(1, 3), pool=st.integers(1, 4))
+       w=st.integers(1, 20), o=st.integers(1, 40), n=st.integers(1, 3), pool=st.integers(1, 5))
 def test_pooled_linear_exact(name, seed, c, h, w, o, n, pool):
     rng = np.random.default_rng(seed)
     h, w = max(h, pool), max(w, pool)               # at least one window
