@@ -25,8 +25,13 @@ decide. Each output is summed in the order k = tap C + c with one rounding per t
 multiply-add), another order than sgemm's: the result is within the bound of
 :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv` (gamma_{9C+2}), not bit-identical to it.
 
-With ``NUMBA_DISABLE_JIT=1`` :data:`conv3x3_into` is the same sum in NumPy (no intrinsic can
-run in plain Python).
+**Stride 2** (:data:`conv3x3_s2_into`): the padded input split into its four phase images
+``xpad[c, 2 i + py, 2 j + px]`` (:func:`split_phases`, rows of Wo + 1), tap (ky, kx) of output
+(oy, ox) is element (oy + ky // 2, ox + kx // 2) of phase (ky % 2, kx % 2): the same tiles run
+with ``boff`` pointing into the phases (:func:`phase_offsets`) and a row pitch of Wo + 1.
+
+With ``NUMBA_DISABLE_JIT=1`` :data:`conv3x3_into` and :data:`conv3x3_s2_into` are the same
+sums in NumPy (no intrinsic can run in plain Python).
 """
 from __future__ import annotations
 
@@ -153,14 +158,15 @@ def _tile_wide(typingctx, a_addr, b0_addr, b1_addr, b2_addr, b3_addr, boff_addr,
 
 
 @numba.njit(cache=True, nogil=True)
-def _conv3x3_jit(ap, boff, xp, h, w, t):
-    """:data:`conv3x3_into` by tiles: xp ``[N, C, L]``, ap ``[O/4, 9C, 4]``, boff ``[9C]``,
-    t ``[O, N, >= h w]`` (C-contiguous; row o of sample n at ``(o N + n) t.shape[2]``)."""
+def _tiles(ap, boff, xp, h, w, wp, t):
+    """The conv by tiles: xp ``[N, ., L]`` (each sample's images flat, rows ``wp`` floats
+    apart), ap ``[O/4, 9C, 4]``, boff ``[9C]``, t ``[O, N, >= h w]`` (C-contiguous; row o of
+    sample n at ``(o N + n) t.shape[2]``); output pixel (y, x) reads term k at
+    ``boff[k] + y wp + x``."""
     n_s = xp.shape[0]
     o_n, q = t.shape[0], t.shape[2]
     ldc = n_s * q
     terms = boff.shape[0]
-    wp = w + 2
     for n in range(n_s):
         x0 = xp[n].ctypes.data
         for ob in range(o_n // ROWS):
@@ -180,10 +186,21 @@ def _conv3x3_jit(ap, boff, xp, h, w, t):
     return t
 
 
-def _conv3x3_numpy(ap, boff, xp, h, w, t):
+@numba.njit(cache=True, nogil=True)
+def _conv3x3_jit(ap, boff, xp, h, w, t):
+    """:data:`conv3x3_into` by tiles on the padded flat images (rows w + 2 apart)."""
+    return _tiles(ap, boff, xp, h, w, w + 2, t)
+
+
+@numba.njit(cache=True, nogil=True)
+def _conv3x3_s2_jit(ap, boff, xph, ho, wo, t):
+    """:data:`conv3x3_s2_into` by tiles on the phase images (rows wo + 1 apart)."""
+    return _tiles(ap, boff, xph, ho, wo, wo + 1, t)
+
+
+def _tiles_numpy(ap, boff, xp, h, w, wp, t):
     """The same sums in NumPy (float64 products rounded once to float32: within the bound)."""
     o_b, terms, rows = ap.shape
-    wp = w + 2
     pix = (np.arange(h)[:, None] * wp + np.arange(w)[None]).reshape(-1)
     weights = ap.transpose(0, 2, 1).reshape(o_b * rows, terms).astype(np.float64)
     for n in range(xp.shape[0]):
@@ -192,7 +209,78 @@ def _conv3x3_numpy(ap, boff, xp, h, w, t):
     return t
 
 
+def _conv3x3_numpy(ap, boff, xp, h, w, t):
+    return _tiles_numpy(ap, boff, xp, h, w, w + 2, t)
+
+
+def _conv3x3_s2_numpy(ap, boff, xph, ho, wo, t):
+    return _tiles_numpy(ap, boff, xph, ho, wo, wo + 1, t)
+
+
 conv3x3_into = _conv3x3_numpy if numba.config.DISABLE_JIT else _conv3x3_jit
 """``conv3x3_into(ap, boff, xp, h, w, t)``: the stride-1 3x3 conv of every sample of the
 padded flat images xp into the dense rows of ``t [O, N, h w]`` (before its shift); the shape
 must pass :func:`supports`."""
+
+
+# ---- stride 2: the same tiles on the four phase images of the padded input ----------------
+
+def supports_stride2(out_channels: int, h: int, w: int) -> bool:
+    """Whether the tiles cover a stride-2 conv of an h x w input: even sides (so that the
+    four phase images below have the output's width plus one) and an output the stride-1
+    tiles cover."""
+    return h % 2 == 0 and w % 2 == 0 and supports(out_channels, h // 2, w // 2)
+
+
+def phase_length(ho: int, wo: int) -> int:
+    """Floats per channel of one phase image: (ho + 1) rows of wo + 1."""
+    return (ho + 1) * (wo + 1)
+
+
+def phase_offsets(c_in: int, ho: int, wo: int) -> np.ndarray:
+    """``boff[tap C + c]`` for the phase images of :func:`split_phases`: tap (ky, kx) of output
+    (oy, ox) reads ``xpad[c, 2 oy + ky, 2 ox + kx]`` = phase (ky % 2, kx % 2), channel c, row
+    oy + ky // 2, column ox + kx // 2."""
+    length, wp = phase_length(ho, wo), wo + 1
+    boff = np.empty(9 * c_in, np.int64)
+    for tap in range(9):
+        ky, kx = divmod(tap, 3)
+        phase = 2 * (ky % 2) + kx % 2
+        for c in range(c_in):
+            boff[tap * c_in + c] = (phase * c_in + c) * length + (ky // 2) * wp + kx // 2
+    return boff
+
+
+@numba.njit(cache=True, nogil=True)
+def split_phases(x, xph):
+    """x ``[N, C, H, W]`` (H, W even) -> xph ``[N, 4 C, (Ho+1)(Wo+1)]``: phase ``2 py + px``
+    of the zero-padded image, ``xph[n, (2 py + px) C + c, i (Wo+1) + j] = xpad[n, c, 2 i + py,
+    2 j + px]`` (``xpad`` = x inside a border of one zero), every element written."""
+    n_s, c_in, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    wp = wo + 1
+    zero = np.float32(0.0)
+    for n in range(n_s):
+        for py in range(2):
+            for px in range(2):
+                for c in range(c_in):
+                    dst = xph[n, (2 * py + px) * c_in + c]
+                    for i in range(ho + 1):
+                        r = 2 * i + py - 1
+                        row = dst[i * wp:(i + 1) * wp]
+                        if r < 0 or r >= h:
+                            for j in range(wp):
+                                row[j] = zero
+                            continue
+                        src = x[n, c, r]
+                        for j in range(wp):
+                            q = 2 * j + px - 1
+                            row[j] = src[q] if 0 <= q < w else zero
+    return xph
+
+
+conv3x3_s2_into = _conv3x3_s2_numpy if numba.config.DISABLE_JIT else _conv3x3_s2_jit
+"""``conv3x3_s2_into(ap, boff, xph, ho, wo, t)``: the stride-2 3x3 conv (pad 1) of every sample
+of the phase images xph (:func:`split_phases`, ``boff`` from :func:`phase_offsets`) into the
+dense rows of ``t [O, N, ho wo]``: the tiles of the stride-1 conv, each term's pixel runs
+contiguous in one phase image; the shape must pass :func:`supports_stride2`."""

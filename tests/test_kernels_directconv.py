@@ -95,6 +95,70 @@ def test_conv3x3_within_bound(seed, ob, c, hw, n):
         assert (np.abs(got - want) <= tol).all(), fn.__name__
 
 
+def conv_float64(x, w4, stride):
+    """The 3x3 conv (pad 1) in float64 and the sums of |w| |x| of each output, ``[O, N, Ho, Wo]``."""
+    n, c, h, w = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
+    want = np.zeros((w4.shape[0], n, ho, wo))
+    mag = np.zeros_like(want)
+    for ky in range(3):
+        for kx in range(3):
+            win = xpad[:, :, ky:ky + stride * (ho - 1) + 1:stride, kx:kx + stride * (wo - 1) + 1:stride]
+            want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
+            mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
+                             np.abs(win))
+    return want, mag
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), c=st.integers(1, 9), h=st.integers(1, 9),
+       w=st.integers(1, 9), n=st.integers(1, 2))
+def test_split_phases_layout(seed, c, h, w, n):
+    """Every element of the phase images is the padded input at (2 i + py, 2 j + px), zeros
+    included, whatever the buffer held before."""
+    h, w = 2 * h, 2 * w
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w)).astype(np.float32)
+    ho, wo = h // 2, w // 2
+    xph = np.full((n, 4 * c, directconv.phase_length(ho, wo)), np.nan, np.float32)
+    directconv.split_phases(x, xph)
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for py in range(2):
+        for px in range(2):
+            want = xpad[:, :, py:py + 2 * ho + 1:2, px:px + 2 * wo + 1:2]
+            got = xph[:, (2 * py + px) * c:(2 * py + px + 1) * c].reshape(n, c, ho + 1, wo + 1)
+            assert np.array_equal(got, want)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), ob=st.integers(1, 4), c=st.integers(1, 24),
+       hw=tiled, n=st.integers(1, 3))
+@example(seed=0, ob=16, c=32, hw=(8, 8), n=2)        # the first block of ResNet-32's last stage
+def test_conv3x3_s2_within_bound(seed, ob, c, hw, n):
+    """The stride-2 conv on the phase images: within ``gamma_{9C} sum |w| |x|`` of the float64
+    conv at every output, for the jitted tiles and the NumPy fallback alike."""
+    ho, wo = hw
+    rng = np.random.default_rng(seed)
+    o = 4 * ob
+    x = rng.standard_normal((n, c, 2 * ho, 2 * wo)).astype(np.float32)
+    assert directconv.supports_stride2(o, 2 * ho, 2 * wo)
+    w4 = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    w9 = np.ascontiguousarray(w4.transpose(2, 3, 0, 1).reshape(9, o, c))
+    xph = np.zeros((n, 4 * c, directconv.phase_length(ho, wo)), np.float32)
+    directconv.split_phases(x, xph)
+    ap, boff = directconv.pack(w9), directconv.phase_offsets(c, ho, wo)
+    want, mag = conv_float64(x, w4, 2)
+    k = 9 * c
+    tol = k * U / (1 - k * U) * mag + 1e-30
+    kernels = [directconv._conv3x3_s2_numpy] + ([] if SLOW else [directconv._conv3x3_s2_jit])
+    for fn in kernels:
+        t = np.full((o, n, ho * wo), np.nan, np.float32)
+        fn(ap, boff, xph, ho, wo, t)
+        got = t.reshape(o, n, ho, wo).astype(np.float64)
+        assert np.isfinite(got).all(), fn.__name__
+        assert (np.abs(got - want) <= tol).all(), fn.__name__
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), c4=st.integers(1, 6), hw=tiled, n=st.integers(1, 6),
        kind=st.sampled_from(["identity", "zero_pad", "conv1x1"]))
@@ -116,7 +180,7 @@ def test_cloud_block_takes_the_tiles_where_they_fit(seed, c4, hw, n, kind):
     got = block(x)
     buffers = block._buffers[(min(n, 4), c, h, w)]
     assert buffers["boff2"].shape[0] == 9 * o
-    assert buffers["boff1"].shape[0] == (9 * c if stride == 1 else 0)
+    assert buffers["boff1"].shape[0] == 9 * c         # stride 2 too: on the phase images
     want, t, s = reference(x, c1, c2, kind, pad_channels, sc)
     assert got.shape == want.shape and got.dtype == np.float32
     assert (np.abs(got.astype(np.float64) - want) <= bound(x, c1, c2, t, s, kind, sc)).all()
@@ -127,12 +191,12 @@ def test_tile_loop_is_fma_on_vector_registers():
     """The tile's inner loop: eight (or an unrolled multiple of eight) ``vfmadd`` on vector
     registers per term (zmm on AVX-512 targets, else ymm), and no vector register to or from
     the stack inside it (the eight accumulators stay in registers)."""
-    fresh = numba.njit(nogil=True)(directconv._conv3x3_jit.py_func)
+    fresh = numba.njit(nogil=True)(directconv._tiles.py_func)
     c, o, h, w = 4, 4, PIX // 8, 8
     xp = np.zeros((1, c, (h + 2) * (w + 2) + 2), np.float32)
     t = np.zeros((o, 1, h * w), np.float32)
     fresh(directconv.pack(np.zeros((9, o, c), np.float32)),
-          directconv.offsets(c, h, w, xp.shape[2]), xp, h, w, t)
+          directconv.offsets(c, h, w, xp.shape[2]), xp, h, w, w + 2, t)
     check_vector_loop(fresh, r"vfmadd\d+ps\s.*%" + ("zmm" if directconv.WIDE else "ymm"), 8)
 
 
