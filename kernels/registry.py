@@ -105,7 +105,7 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
     Kernel("cloud_block_folded", "cloud_block", (32,), _cloud_block, False,
            "float32 block: im2col with the padding and ReLU inline, sgemm, residual + ReLU"),
     Kernel("cloud_block_direct", "cloud_block", (32,), _cloud_block_direct, False,
-           "float32 block: 3x3 convs as direct FMA tiles (stride 2 on phase images), the rest as folded"),
+           "float32 block: 3x3 convs by direct FMA tiles (stride 2 on phases), rest as folded"),
     Kernel("pool_ordered_linear", "pooled_linear", (32,), PooledLinear, True,
            "exit: average pool in NumPy's order, then features summed in a fixed order"),
     Kernel("normalize_padded", "normalize", (8,), Normalize, True,
