@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .irloop import accumulate
+from .irloop import accumulate, splat
 from .jit import numba, target_has
 from .quantize import batchnorm, kbit_level, kbit_step, levels
 
@@ -135,20 +135,14 @@ def _sign_tile(typingctx, x_addr, ld, scale_addr, shift_addr, channels, out_addr
         s_p = builder.inttoptr(sa, f32.as_pointer())
         t_p = builder.inttoptr(ta, f32.as_pointer())
         o_p = builder.inttoptr(oa, i64.as_pointer())
-        undef_f, undef_i = ir.Constant(vf, ir.Undefined), ir.Constant(vi, ir.Undefined)
-        splat = ir.Constant(vi, [0] * lanes)
         zero_i, zero_f = ir.Constant(vi, None), ir.Constant(vf, None)
-
-        def bcast(value, undef):
-            return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)),
-                                          undef, splat)
 
         def body(c, acc):
             row = builder.gep(x_p, [builder.mul(c, ld)])
-            scale = bcast(builder.load(builder.gep(s_p, [c])), undef_f)
-            shift = bcast(builder.load(builder.gep(t_p, [c])), undef_f)
-            bit = bcast(builder.shl(ir.Constant(i32, 1), builder.trunc(
-                builder.and_(c, ir.Constant(i64, 31)), i32)), undef_i)
+            scale = splat(builder, builder.load(builder.gep(s_p, [c])), lanes)
+            shift = splat(builder, builder.load(builder.gep(t_p, [c])), lanes)
+            bit = splat(builder, builder.shl(ir.Constant(i32, 1), builder.trunc(
+                builder.and_(c, ir.Constant(i64, 31)), i32)), lanes)
             new = []
             for j in range(SIGN_VECS):
                 v = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, lanes * j)]),

@@ -40,7 +40,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .irloop import accumulate
+from .irloop import accumulate, splat
 from .jit import numba, target_has
 
 #: output channels and output pixels of one tile: two vectors of 16 floats (each two 8-pixel
@@ -99,8 +99,7 @@ def _tile_codegen(builder, a, bases, boff, c, terms, ldc, runs):
     b_ps = [builder.inttoptr(b, fp) for b in bases]
     off_p = builder.inttoptr(boff, i64.as_pointer())
     c_p = builder.inttoptr(c, fp)
-    zero, undef = ir.Constant(vec_t, None), ir.Constant(vec_t, ir.Undefined)
-    splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+    zero = ir.Constant(vec_t, None)
     join = ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
 
     def body(k, acc):
@@ -113,8 +112,7 @@ def _tile_codegen(builder, a, bases, boff, c, terms, ldc, runs):
         new = []
         for r in range(ROWS):
             s = builder.load(builder.gep(a_p, [builder.add(base, ir.Constant(i64, r))]))
-            sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(i32, 0)),
-                                        undef, splat)
+            sv = splat(builder, s, lanes)
             new += [builder.call(fma, [sv, vec[j], acc[2 * r + j]]) for j in range(2)]
         return new
 

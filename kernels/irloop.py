@@ -1,6 +1,7 @@
 """The counted loop with vector accumulators that the ``@intrinsic`` tiles emit in LLVM IR
 (:mod:`~xnorcdl.kernels.directconv`, :mod:`~xnorcdl.kernels.nibbleconv`): the accumulators are
-loop phis, so they live in vector registers whatever LLVM's vectorizers decide."""
+loop phis, so they live in vector registers whatever LLVM's vectorizers decide; and the
+broadcast of a scalar to every lane that their bodies share."""
 from __future__ import annotations
 
 from llvmlite import ir
@@ -41,3 +42,14 @@ def accumulate(builder, start, stop, zero, n_acc, body, name):
         f.add_incoming(b, tail)
         out.append(f)
     return out
+
+
+def splat(builder, value, lanes):
+    """``value`` (a scalar IR value) in every lane of a ``lanes``-wide vector: an insert into
+    lane 0 and a shuffle by an all-zero mask, which LLVM emits as one broadcast."""
+    vec = ir.VectorType(value.type, lanes)
+    undef = ir.Constant(vec, ir.Undefined)
+    i32 = ir.IntType(32)
+    first = builder.insert_element(undef, value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(i32, lanes),
+                                                            [0] * lanes))

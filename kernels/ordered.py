@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .irloop import accumulate
+from .irloop import accumulate, splat
 from .jit import numba, target_has
 
 
@@ -110,14 +110,12 @@ def _tile(typingctx, w_addr, ldw, x_addr, off_addr, terms, out_addr, ldo):
 
     def codegen(context, builder, signature, args):
         wa, ldw, xa, offa, terms, outa, ldo = args
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        f32, i64 = ir.FloatType(), ir.IntType(64)
         vec = ir.VectorType(f32, LANES)
         w_p = builder.inttoptr(wa, f32.as_pointer())
         x_p = builder.inttoptr(xa, f32.as_pointer())
         off_p = builder.inttoptr(offa, i64.as_pointer())
         o_p = builder.inttoptr(outa, f32.as_pointer())
-        undef = ir.Constant(vec, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
 
         def products(k):
             off = builder.load(builder.gep(off_p, [k]))
@@ -128,8 +126,7 @@ def _tile(typingctx, w_addr, ldw, x_addr, off_addr, terms, out_addr, ldo):
             for r in range(ROWS):
                 wk = builder.load(builder.gep(w_p, [builder.add(
                     builder.mul(ldw, ir.Constant(i64, r)), k)]))
-                wv = builder.shuffle_vector(builder.insert_element(undef, wk, ir.Constant(i32, 0)),
-                                            undef, splat)
+                wv = splat(builder, wk, LANES)
                 out += [builder.fmul(wv, xs[j]) for j in range(VECS)]
             return out
 
@@ -219,19 +216,16 @@ def _linear_tile(typingctx, f_addr, w_addr, ldw, terms, out_addr):
 
     def codegen(context, builder, signature, args):
         fa, wa, ldw, terms, outa = args
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        f32, i64 = ir.FloatType(), ir.IntType(64)
         vec = ir.VectorType(f32, LANES)
         f_p = builder.inttoptr(fa, f32.as_pointer())
         w_p = builder.inttoptr(wa, f32.as_pointer())
-        undef = ir.Constant(vec, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
 
         def product(k):
             row = builder.load(builder.bitcast(builder.gep(w_p, [builder.mul(k, ldw)]),
                                                vec.as_pointer()), align=4)
             fk = builder.load(builder.gep(f_p, [k]))
-            fv = builder.shuffle_vector(builder.insert_element(undef, fk, ir.Constant(i32, 0)),
-                                        undef, splat)
+            fv = splat(builder, fk, LANES)
             return builder.fmul(fv, row)
 
         first = product(ir.Constant(i64, 0))
