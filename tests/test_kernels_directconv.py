@@ -26,6 +26,38 @@ def padded_flat(x):
     return xp
 
 
+def conv_float64(x, w4, stride):
+    """The 3x3 conv (pad 1) in float64 and the sums of |w| |x| of each output, ``[O, N, Ho, Wo]``."""
+    n, c, h, w = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
+    want = np.zeros((w4.shape[0], n, ho, wo))
+    mag = np.zeros_like(want)
+    for ky in range(3):
+        for kx in range(3):
+            win = xpad[:, :, ky:ky + stride * (ho - 1) + 1:stride, kx:kx + stride * (wo - 1) + 1:stride]
+            want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
+            mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
+                             np.abs(win))
+    return want, mag
+
+
+def assert_within_gamma(kernels, args, x, w4, stride):
+    """Each kernel ``fn(*args, t)`` writes every output of ``t [O, N, Ho Wo]`` finite and within
+    ``gamma_{9C} sum |w| |x|`` of the float64 conv (each a 9C-term dot product summed by FMA,
+    one rounding per term)."""
+    want, mag = conv_float64(x, w4, stride)
+    o, n, ho, wo = want.shape
+    k = 9 * x.shape[1]
+    tol = k * U / (1 - k * U) * mag + 1e-30
+    for fn in kernels:
+        t = np.full((o, n, ho * wo), np.nan, np.float32)
+        fn(*args, t)
+        got = t.reshape(o, n, ho, wo).astype(np.float64)
+        assert np.isfinite(got).all(), fn.__name__
+        assert (np.abs(got - want) <= tol).all(), fn.__name__
+
+
 # shapes the tiles cover: rows of 8, 16 or 24 pixels, PIXELS (16 or 32) pixels per tile, 4
 # channels per tile
 PIX = directconv.PIXELS
@@ -75,40 +107,8 @@ def test_conv3x3_within_bound(seed, ob, c, hw, n):
     w9 = np.ascontiguousarray(w4.transpose(2, 3, 0, 1).reshape(9, o, c))
     xp = padded_flat(x)
     ap, boff = directconv.pack(w9), directconv.offsets(c, h, w, xp.shape[2])
-    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
-    want = np.zeros((o, n, h, w))
-    mag = np.zeros((o, n, h, w))
-    for ky in range(3):
-        for kx in range(3):
-            win = xpad[:, :, ky:ky + h, kx:kx + w]
-            want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
-            mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
-                             np.abs(win))
-    k = 9 * c
-    tol = k * U / (1 - k * U) * mag + 1e-30
     kernels = [directconv._conv3x3_numpy] + ([] if SLOW else [directconv._conv3x3_jit])
-    for fn in kernels:
-        t = np.full((o, n, h * w), np.nan, np.float32)
-        fn(ap, boff, xp, h, w, t)
-        got = t.reshape(o, n, h, w).astype(np.float64)
-        assert np.isfinite(got).all(), fn.__name__
-        assert (np.abs(got - want) <= tol).all(), fn.__name__
-
-
-def conv_float64(x, w4, stride):
-    """The 3x3 conv (pad 1) in float64 and the sums of |w| |x| of each output, ``[O, N, Ho, Wo]``."""
-    n, c, h, w = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
-    want = np.zeros((w4.shape[0], n, ho, wo))
-    mag = np.zeros_like(want)
-    for ky in range(3):
-        for kx in range(3):
-            win = xpad[:, :, ky:ky + stride * (ho - 1) + 1:stride, kx:kx + stride * (wo - 1) + 1:stride]
-            want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
-            mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
-                             np.abs(win))
-    return want, mag
+    assert_within_gamma(kernels, (ap, boff, xp, h, w), x, w4, 1)
 
 
 @SETTINGS
@@ -147,16 +147,8 @@ def test_conv3x3_s2_within_bound(seed, ob, c, hw, n):
     xph = np.zeros((n, 4 * c, directconv.phase_length(ho, wo)), np.float32)
     directconv.split_phases(x, xph)
     ap, boff = directconv.pack(w9), directconv.phase_offsets(c, ho, wo)
-    want, mag = conv_float64(x, w4, 2)
-    k = 9 * c
-    tol = k * U / (1 - k * U) * mag + 1e-30
     kernels = [directconv._conv3x3_s2_numpy] + ([] if SLOW else [directconv._conv3x3_s2_jit])
-    for fn in kernels:
-        t = np.full((o, n, ho * wo), np.nan, np.float32)
-        fn(ap, boff, xph, ho, wo, t)
-        got = t.reshape(o, n, ho, wo).astype(np.float64)
-        assert np.isfinite(got).all(), fn.__name__
-        assert (np.abs(got - want) <= tol).all(), fn.__name__
+    assert_within_gamma(kernels, (ap, boff, xph, ho, wo), x, w4, 2)
 
 
 @SETTINGS
