@@ -31,8 +31,8 @@ pass after each GEMM (``(W' x + shift[o])``, then ReLU or the residual). Around 
   cover) on the four phase images of the padded input
   (:func:`~xnorcdl.kernels.directconv.split_phases`; tap (ky, kx) of every output lies in
   phase (ky % 2, kx % 2) at a fixed offset, so each term's pixel runs are contiguous again):
-  26 us less per sample on ResNet-32's 32 -> 64 block at 16 x 16 than the im2col + sgemm of
-  64 x 64 x 288 (78 -> 52 us, Zen 5). Elsewhere it takes the ordinary im2col
+  31 us less per sample on ResNet-32's 32 -> 64 block at 16 x 16 than the im2col + sgemm of
+  64 x 64 x 288 (78 -> 47 us, Zen 5). Elsewhere it takes the ordinary im2col
   (:func:`im2col_pad1`, padding written inline) and one sgemm over the columns of up to
   :data:`CHUNK` samples (``t [O, N*Q] = W' cols [9C, N*Q]``).
   The 1x1-conv shortcut keeps its shift as a bias column against a row of ones.
@@ -282,7 +282,10 @@ class CloudBlock:
         self._no_ap = np.zeros((0, 0, directconv.ROWS), np.float32)
         self._no_boff = np.zeros(0, np.int64)
         direct = bool(direct) and self.out_channels % directconv.ROWS == 0
-        self.ap1 = directconv.pack(_taps(w1, s1)) if direct else self._no_ap
+        if direct:          # both strides: stride 2 runs the tiles on phase images
+            self.ap1 = directconv.pack(self.w1_taps if self.stride == 1 else _taps(w1, s1))
+        else:
+            self.ap1 = self._no_ap
         self.ap2 = directconv.pack(self.w2_taps) if direct else self._no_ap
 
     def _scratch(self, shape):

@@ -260,20 +260,24 @@ def split_phases(x, xph):
     zero = np.float32(0.0)
     for n in range(n_s):
         for py in range(2):
-            for px in range(2):
-                for c in range(c_in):
-                    dst = xph[n, (2 * py + px) * c_in + c]
-                    for i in range(ho + 1):
-                        r = 2 * i + py - 1
-                        row = dst[i * wp:(i + 1) * wp]
-                        if r < 0 or r >= h:
-                            for j in range(wp):
-                                row[j] = zero
-                            continue
-                        src = x[n, c, r]
+            for c in range(c_in):
+                ph0 = xph[n, 2 * py * c_in + c]         # phase (py, 0): columns 2 j - 1
+                ph1 = xph[n, (2 * py + 1) * c_in + c]   # phase (py, 1): columns 2 j
+                for i in range(ho + 1):
+                    d0 = ph0[i * wp:(i + 1) * wp]
+                    d1 = ph1[i * wp:(i + 1) * wp]
+                    r = 2 * i + py - 1
+                    if r < 0 or r >= h:
                         for j in range(wp):
-                            q = 2 * j + px - 1
-                            row[j] = src[q] if 0 <= q < w else zero
+                            d0[j] = zero
+                            d1[j] = zero
+                        continue
+                    src = x[n, c, r]            # one pass over the row feeds both phases
+                    d0[0] = zero
+                    d1[wo] = zero
+                    for j in range(wo):
+                        d1[j] = src[2 * j]
+                        d0[j + 1] = src[2 * j + 1]
     return xph
 
 

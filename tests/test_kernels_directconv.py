@@ -27,7 +27,8 @@ def padded_flat(x):
 
 
 def conv_float64(x, w4, stride):
-    """The 3x3 conv (pad 1) in float64 and the sums of |w| |x| of each output, ``[O, N, Ho, Wo]``."""
+    """The 3x3 conv (pad 1) in float64 and the sums of |w| |x| of each output,
+    ``[O, N, Ho, Wo]`` both."""
     n, c, h, w = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).astype(np.float64)
@@ -35,7 +36,8 @@ def conv_float64(x, w4, stride):
     mag = np.zeros_like(want)
     for ky in range(3):
         for kx in range(3):
-            win = xpad[:, :, ky:ky + stride * (ho - 1) + 1:stride, kx:kx + stride * (wo - 1) + 1:stride]
+            win = xpad[:, :, ky:ky + stride * (ho - 1) + 1:stride,
+                       kx:kx + stride * (wo - 1) + 1:stride]
             want += np.einsum("oc,nchw->onhw", w4[:, :, ky, kx].astype(np.float64), win)
             mag += np.einsum("oc,nchw->onhw", np.abs(w4[:, :, ky, kx]).astype(np.float64),
                              np.abs(win))
