@@ -89,28 +89,40 @@ def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequenc
                   np.full((n, len(exits)), np.nan), np.zeros((n, classes), np.float32))
     segments = plan(model)
     for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        batch = np.ascontiguousarray(images[idx])
+        end = min(start + batch_size, n)
+        # rows start..end-1 of out are this batch's while nobody has left (a slice: no index
+        # arrays at batch 1); idx lists the samples still in it once some have
+        rows, idx = slice(start, end), None
+        batch = np.ascontiguousarray(images[rows])
         state = None
         for first, stop, k in segments:
             state, logits = segment(executor, batch, state, first, stop, k)
             if k is None:
                 continue
             h = entropy(logits)
-            out.entropies[idx, k] = h
+            out.entropies[rows if idx is None else idx, k] = h
             take = h < thr[k]
-            if take.any():
-                out.exit_index[idx[take]] = k
-                out.logits[idx[take]] = logits[take]
-                keep = np.flatnonzero(~take)
-                idx = idx[keep]
-                if len(idx) == 0:
+            taken = np.count_nonzero(take)
+            if not taken:
+                continue
+            if idx is None:
+                if taken == len(take):          # the whole batch leaves here
+                    out.exit_index[rows] = k
+                    out.logits[rows] = logits
+                    idx = np.empty(0, np.int64)
                     break
-                state = executor.select(state, keep)
-        if len(idx):
-            out.logits[idx] = executor.head(state)
+                idx = np.arange(start, end)
+            out.exit_index[idx[take]] = k
+            out.logits[idx[take]] = logits[take]
+            keep = np.flatnonzero(~take)
+            idx = idx[keep]
+            if len(idx) == 0:
+                break
+            state = executor.select(state, keep)
+        if idx is None or len(idx):
+            out.logits[rows if idx is None else idx] = executor.head(state)
         if progress is not None:
-            progress.update(min(batch_size, n - start))
+            progress.update(end - start)
     out.predictions[:] = out.logits.argmax(axis=1)
     return out
 
