@@ -179,6 +179,7 @@ def with_cloud_kernel(model, name):
             sc = blk.shortcut
             prep.cloud = KERNELS[name].build(blk.conv1, blk.conv2, sc.kind, sc.pad_channels,
                                              sc.conv if sc.kind == "conv1x1" else None)
+    ex.cloud = ex.cloud_program()      # the cloud program of the new blocks
     return ex
 
 

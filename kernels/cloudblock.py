@@ -291,43 +291,48 @@ class CloudBlock:
     def _scratch(self, shape):
         buf = self._buffers.get(shape)
         if buf is None:
-            n, c, h, w = shape
-            o, s = self.out_channels, self.stride
-            ho, wo = out_size(h, 3, s, 1), out_size(w, 3, s, 1)
-            b = {"ho": ho, "wo": wo, "boff1": self._no_boff, "boff2": self._no_boff}
-            length_in, length_t = (h + 2) * (w + 2) + 2, (ho + 2) * (wo + 2) + 2
-            direct1 = self.ap1.shape[0] > 0 and directconv.supports(o, h, w)
-            if s == 1:      # conv1 on the padded input: direct (dense rows) or nine GEMMs
-                b["xp"] = np.zeros((n, c, length_in), np.float32)
-                b["cols1"] = np.zeros((1, 1, 1), np.float32)
-                b["row1"] = wo if direct1 else wo + 2
-                if direct1:
-                    b["boff1"] = directconv.offsets(c, h, w, length_in)
-            elif self.ap1.shape[0] > 0 and directconv.supports_stride2(o, h, w):
-                # conv1 by the direct tiles on the four phase images of the padded input
-                b["xp"] = np.zeros((n, 4 * c, directconv.phase_length(ho, wo)), np.float32)
-                b["cols1"] = np.zeros((1, 1, 1), np.float32)
-                b["row1"] = wo
-                b["boff1"] = directconv.phase_offsets(c, ho, wo)
-            else:           # conv1 by im2col: output rows of wo
-                b["xp"] = np.zeros((n, c, 1), np.float32)
-                b["cols1"] = np.empty((9 * c, n, ho * wo), np.float32)
-                b["row1"] = wo
-            direct2 = self.ap2.shape[0] > 0 and directconv.supports(o, ho, wo)
-            b["row2"] = wo if direct2 else wo + 2
-            if direct2:
-                b["boff2"] = directconv.offsets(o, ho, wo, length_t)
-            b["t1"] = np.empty((o, n, ho * b["row1"]), np.float32)
-            b["tp"] = np.zeros((n, o, length_t), np.float32)
-            b["t2"] = np.empty((o, n, ho * b["row2"]), np.float32)
-            b["cols_sc"] = np.zeros((1, 1, 1), np.float32)      # no 1x1-conv shortcut
-            b["sc"] = np.zeros((1, 1, 1), np.float32)
-            if self.wsc is not None:
-                b["cols_sc"] = np.empty((c + 1, n, ho * wo), np.float32)
-                b["cols_sc"][c] = 1.0                           # against the bias column
-                b["sc"] = np.empty((o, n, ho * wo), np.float32)
-            buf = self._buffers[shape] = b
+            buf = self._buffers[shape] = self.new_scratch(shape)
         return buf
+
+    def new_scratch(self, shape):
+        """The buffers and sizes :func:`block_chunk` takes for an input of ``shape`` (zero
+        borders and the shortcut's row of ones written here, once)."""
+        n, c, h, w = shape
+        o, s = self.out_channels, self.stride
+        ho, wo = out_size(h, 3, s, 1), out_size(w, 3, s, 1)
+        b = {"ho": ho, "wo": wo, "boff1": self._no_boff, "boff2": self._no_boff}
+        length_in, length_t = (h + 2) * (w + 2) + 2, (ho + 2) * (wo + 2) + 2
+        direct1 = self.ap1.shape[0] > 0 and directconv.supports(o, h, w)
+        if s == 1:      # conv1 on the padded input: direct (dense rows) or nine GEMMs
+            b["xp"] = np.zeros((n, c, length_in), np.float32)
+            b["cols1"] = np.zeros((1, 1, 1), np.float32)
+            b["row1"] = wo if direct1 else wo + 2
+            if direct1:
+                b["boff1"] = directconv.offsets(c, h, w, length_in)
+        elif self.ap1.shape[0] > 0 and directconv.supports_stride2(o, h, w):
+            # conv1 by the direct tiles on the four phase images of the padded input
+            b["xp"] = np.zeros((n, 4 * c, directconv.phase_length(ho, wo)), np.float32)
+            b["cols1"] = np.zeros((1, 1, 1), np.float32)
+            b["row1"] = wo
+            b["boff1"] = directconv.phase_offsets(c, ho, wo)
+        else:           # conv1 by im2col: output rows of wo
+            b["xp"] = np.zeros((n, c, 1), np.float32)
+            b["cols1"] = np.empty((9 * c, n, ho * wo), np.float32)
+            b["row1"] = wo
+        direct2 = self.ap2.shape[0] > 0 and directconv.supports(o, ho, wo)
+        b["row2"] = wo if direct2 else wo + 2
+        if direct2:
+            b["boff2"] = directconv.offsets(o, ho, wo, length_t)
+        b["t1"] = np.empty((o, n, ho * b["row1"]), np.float32)
+        b["tp"] = np.zeros((n, o, length_t), np.float32)
+        b["t2"] = np.empty((o, n, ho * b["row2"]), np.float32)
+        b["cols_sc"] = np.zeros((1, 1, 1), np.float32)      # no 1x1-conv shortcut
+        b["sc"] = np.zeros((1, 1, 1), np.float32)
+        if self.wsc is not None:
+            b["cols_sc"] = np.empty((c + 1, n, ho * wo), np.float32)
+            b["cols_sc"][c] = 1.0                           # against the bias column
+            b["sc"] = np.empty((o, n, ho * wo), np.float32)
+        return b
 
     def __call__(self, x):
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -99,6 +99,34 @@ def test_decisions_match_naive(net, backend):
 
 
 @pytest.mark.parametrize("net", NETS)
+def test_cloud_program_gives_the_per_block_bits(net):
+    """The fast backend's cloud program (all cloud blocks and the head in one jitted call) gives
+    the bits of its blocks called one by one, and the head within float32 rounding of NumPy's;
+    Algorithm 1 takes the same decisions either way."""
+    model, images = grid_case(net, SAMPLES_EDGE, net.seed + 200, 0.0)
+    fast = FastExecutor(model)
+    c0 = fast._first_cloud
+    if fast.cloud is None:
+        assert c0 == len(model.blocks) or fast.blocks[c0].cloud._sgemm is None
+        pytest.skip("no cloud program here")
+    x, _ = fast.segment(images, None, 0, c0, None)
+    want = x
+    for b in range(c0, len(model.blocks)):
+        want = fast.block(b, want)
+    got, logits = fast.cloud.run(0, len(model.blocks) - c0, x, head=True)
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(logits, fast.head(want), rtol=0, atol=LOGIT_ATOL)
+    per_block = FastExecutor(model)
+    per_block.cloud = None
+    for batch in (1, 5):
+        a = engine.run(model, images, fast, batch_size=batch)
+        b = engine.run(model, images, per_block, batch_size=batch)
+        assert np.array_equal(a.exit_index, b.exit_index)
+        assert np.array_equal(a.predictions, b.predictions)
+        np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("net", NETS)
 def test_fast_equals_reference_at_the_edge(net):
     # both backends compute the same entropies to the last bit: no margin is needed
     model, images = grid_case(net, SAMPLES_EDGE, net.seed + 200, 0.0)

@@ -28,7 +28,7 @@ from typing import Awaitable, Callable, List, Optional
 
 import numpy as np
 
-from . import wire
+from . import engine, wire
 from .errors import WireError
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -137,9 +137,8 @@ class CloudRunner:
     def __call__(self, features: np.ndarray) -> np.ndarray:
         with self.lock:
             x = np.ascontiguousarray(features, dtype=np.float32)
-            for j in range(len(self.model.blocks)):
-                x = self.executor.block(j, x)
-            return self.executor.head(x)
+            x, logits = engine.segment(self.executor, None, x, 0, len(self.model.blocks), None)
+            return engine.head(self.executor, x, logits)
 
 
 class Batcher:

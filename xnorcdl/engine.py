@@ -53,7 +53,10 @@ def segment(executor, images: np.ndarray, state, first: int, stop: int, k: Optio
     ``images`` first), then exit k's logits (``None`` when k is None).
 
     An executor with a ``segment`` method of the same signature runs all of that itself (the
-    fast backend: one jitted call for the edge); otherwise its per-layer methods are called."""
+    fast backend: one jitted call for the edge, one for the cloud); otherwise its per-layer
+    methods are called. When k is None and the segment ends the network, its own ``segment``
+    may return the head's logits in place of None (it ran the head in the same call); see
+    :func:`head`."""
     own = getattr(executor, "segment", None)
     if own is not None:
         return own(images, state, first, stop, k)
@@ -62,6 +65,12 @@ def segment(executor, images: np.ndarray, state, first: int, stop: int, k: Optio
     for b in range(first, stop):
         state = executor.block(b, state)
     return state, (None if k is None else executor.exit(k, state))
+
+
+def head(executor, state, logits):
+    """The head's logits after the last segment: those its ``segment`` returned, or
+    ``executor.head(state)``."""
+    return executor.head(state) if logits is None else logits
 
 
 @dataclasses.dataclass
@@ -92,12 +101,13 @@ def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequenc
         end = min(start + batch_size, n)
         # rows start..end-1 of out are this batch's while nobody has left (a slice: no index
         # arrays at batch 1); idx lists the samples still in it once some have
-        rows, idx = slice(start, end), None
+        rows, idx, final = slice(start, end), None, None
         batch = np.ascontiguousarray(images[rows])
         state = None
         for first, stop, k in segments:
             state, logits = segment(executor, batch, state, first, stop, k)
             if k is None:
+                final = logits
                 continue
             h = entropy(logits)
             out.entropies[rows if idx is None else idx, k] = h
@@ -120,7 +130,7 @@ def run(model: Model, images: np.ndarray, executor, thresholds: Optional[Sequenc
                 break
             state = executor.select(state, keep)
         if idx is None or len(idx):
-            out.logits[rows if idx is None else idx] = executor.head(state)
+            out.logits[rows if idx is None else idx] = head(executor, state, final)
         if progress is not None:
             progress.update(end - start)
     out.predictions[:] = out.logits.argmax(axis=1)
@@ -141,12 +151,14 @@ def outputs(model: Model, images: np.ndarray, executor, batch_size: int = 100,
     outs = [np.zeros((n, classes), np.float32) for _ in range(len(model.exits) + 1)]
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
-        batch, state = np.ascontiguousarray(images[sl]), None
+        batch, state, final = np.ascontiguousarray(images[sl]), None, None
         for first, stop, k in plan(model):
             state, logits = segment(executor, batch, state, first, stop, k)
             if k is not None:
                 outs[k][sl] = logits
-        outs[-1][sl] = executor.head(state)
+            else:
+                final = logits
+        outs[-1][sl] = head(executor, state, final)
         if progress is not None:
             progress.update(sl.stop - sl.start)
     return outs

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels.bitconv import BitConv
+from ..kernels.cloudblock import CloudBlock
+from ..kernels.cloudprogram import CloudProgram
 from ..kernels.codeconv import CodeConv
 from ..kernels.edgeprogram import EdgeProgram
 from ..kernels.gemmconv import CodeGemmConv
@@ -116,6 +118,7 @@ class FastExecutor:
         exit_kernel = KERNELS["pool_ordered_linear"]
         self.exits = [exit_kernel.build(e.weight, e.bias, e.pool) for e in model.exits]
         self.program = None if self.stem_conv is None else self._edge_program()
+        self.cloud = self.cloud_program()
 
     def _edge_program(self):
         """The stem, the edge blocks and the exits as one :class:`EdgeProgram`; records the
@@ -141,9 +144,25 @@ class FastExecutor:
         self._block_row.append(len(prog._rows))
         return prog.finish()
 
+    def cloud_program(self):
+        """The cloud blocks (those after the edge, every one a
+        :class:`~xnorcdl.kernels.cloudblock.CloudBlock`) and the head as one
+        :class:`~xnorcdl.kernels.cloudprogram.CloudProgram`, or None where there are none or
+        another cloud kernel runs them (call again after replacing ``blocks[b].cloud``)."""
+        self._first_cloud = sum(blk.edge for blk in self.model.blocks)
+        cloud = [prep.cloud for prep in self.blocks[self._first_cloud:]]
+        if not cloud or not all(isinstance(c, CloudBlock) and c._sgemm is not None
+                                for c in cloud):
+            return None
+        head = self.model.head
+        return CloudProgram(cloud, head.weight, head.bias,
+                            self.model.blocks[self._first_cloud].in_shape)
+
     def segment(self, images, x, first, stop, k):
         """Blocks ``first .. stop-1`` and exit k (the engine's :func:`xnorcdl.engine.segment`):
-        the edge part in one jitted call of the edge program, then the cloud blocks."""
+        the edge part in one jitted call of the edge program, then the cloud blocks in one
+        call of the cloud program, with the head when the segment ends the network (its
+        logits returned in place of an exit's)."""
         prog = self.program
         n_edge = len(self._block_row) - 1 if prog is not None else 0
         logits = None
@@ -162,6 +181,13 @@ class FastExecutor:
             first = min(stop, n_edge)
         elif x is None:
             x = self.stem(images)
+        c0 = self._first_cloud
+        if self.cloud is not None and c0 <= first < stop:
+            last = stop == len(self.blocks) and k is None
+            x, head = self.cloud.run(first - c0, stop - c0, x, head=last)
+            if last:
+                return x, head
+            first = stop
         for b in range(first, stop):
             x = self.block(b, x)
         if k is not None and logits is None:
