@@ -4,8 +4,10 @@ run by the kernels of :mod:`xnorcdl.kernels`, each taken from its registry
 
 Everything is prepared at construction (packed weight bit planes, padding corrections, folded
 BN, GEMM matrices); a call only moves activations. The state between calls is the float32
-``[N, C, H, W]`` array the reference also keeps, so ``select`` is a row selection and the head
-reuses the reference's code.
+``[N, C, H, W]`` array the reference also keeps, so ``select`` is a row selection. The edge
+runs as one jitted call (:class:`~xnorcdl.kernels.edgeprogram.EdgeProgram`), the cloud blocks
+and the head as another (:class:`~xnorcdl.kernels.cloudprogram.CloudProgram`, where NumPy's
+sgemm is at hand); ``head`` alone reuses the reference's code.
 
 Agreement with :class:`xnorcdl.backends.reference.ReferenceExecutor`:
 
@@ -17,12 +19,14 @@ Agreement with :class:`xnorcdl.backends.reference.ReferenceExecutor`:
   features in its fixed order. So edge outputs, exit logits, entropies and exit decisions are
   identical, whatever BLAS kernel the processor gets.
 * **Cloud, within float32 rounding.** Cloud convs fold BN into the GEMM (one sgemm with a bias
-  column), which rounds differently; see :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`.
+  column), which rounds differently; see :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`. The
+  cloud program's head sums in index order, NumPy's mean and matmul in theirs.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import blas
 from ..kernels.bitconv import BitConv
 from ..kernels.cloudblock import CloudBlock
 from ..kernels.cloudprogram import CloudProgram
@@ -151,8 +155,7 @@ class FastExecutor:
         another cloud kernel runs them (call again after replacing ``blocks[b].cloud``)."""
         self._first_cloud = sum(blk.edge for blk in self.model.blocks)
         cloud = [prep.cloud for prep in self.blocks[self._first_cloud:]]
-        if not cloud or not all(isinstance(c, CloudBlock) and c._sgemm is not None
-                                for c in cloud):
+        if not cloud or blas.sgemm() is None or not all(isinstance(c, CloudBlock) for c in cloud):
             return None
         head = self.model.head
         return CloudProgram(cloud, head.weight, head.bias,
