@@ -9,12 +9,11 @@ each slice described inline in a row of an ``int64`` table by ``(offset, d0, d1,
 :func:`run_cloud` runs blocks ``first .. stop-1`` (and the head) on every chunk of a batch in
 one call, each block through the :func:`~xnorcdl.kernels.cloudblock.block_chunk` that
 :class:`~xnorcdl.kernels.cloudblock.CloudBlock` calls on the same buffers, so the blocks'
-outputs are CloudBlock's bit for bit. The head is
-
-    f[c] = (sum_{y, x} a[c, y, x]) / (H W),    logits[j] = sum_c W[j, c] f[c] + b[j]
-
-in float32, each sum in index order: within float32 rounding of the reference's NumPy mean and
-matmul (another summation order), the bound every cloud layer is held to.
+outputs are CloudBlock's bit for bit. The head is the exits' pool and fixed-order linear
+(:func:`~xnorcdl.kernels.exits.avg_pool_flat` with one window over the whole H x H image, then
+:data:`~xnorcdl.kernels.ordered.ordered_linear`): within float32 rounding of the reference's
+head (NumPy's mean and matmul, another summation order), the bound every cloud layer is held
+to.
 
 Each block runs on the chunks of :data:`~xnorcdl.kernels.cloudblock.CHUNK` samples in turn,
 as CloudBlock does, before the next block (at batch 32, running the five blocks of a chunk in a
@@ -26,15 +25,20 @@ from __future__ import annotations
 import numpy as np
 
 from .cloudblock import CHUNK, CloudBlock, block_chunk
+from .exits import avg_pool_flat
 from .jit import numba
+from .ordered import ordered_linear, pad_classes
+from .shapes import out_size
 
 # fields of a block row: its sizes, then (offset, d0, d1, d2, d3) per weight array
-STRIDE, KIND, PAD, ROW1, HO, WO, ROW2, C_IN, H, W, O_N = range(11)
-W1, W1T, B1, W2T, B2, WSC, AP1, AP2 = (11 + 5 * i for i in range(8))
-FIELDS = 11 + 5 * 8
-# a work row: (offset, dims) per scratch array of one chunk size (BOFF1, BOFF2 in the int64 pool)
-XP, COLS1, COLS_SC, T1, TP, T2, SC, BOFF1, BOFF2 = (5 * i for i in range(9))
-WORK_FIELDS = 5 * 9
+STRIDE, KIND, PAD, HO, WO, O_N = range(6)
+W1, W1T, B1, W2T, B2, WSC, AP1, AP2 = (6 + 5 * i for i in range(8))
+FIELDS = 6 + 5 * 8
+# a work row of one chunk size: conv1's and conv2's output row lengths, then (offset, dims)
+# per scratch array (BOFF1, BOFF2 in the int64 pool)
+ROW1, ROW2 = 0, 1
+XP, COLS1, COLS_SC, T1, TP, T2, SC, BOFF1, BOFF2 = (2 + 5 * i for i in range(9))
+WORK_FIELDS = 2 + 5 * 9
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -69,29 +73,17 @@ def _samples(x, a, nc):
 
 
 @numba.njit(cache=True, nogil=True)
-def head_into(a, weight, bias, logits):
-    """``logits[n, j] = sum_c weight[j, c] mean_{y,x} a[n, c, y, x] + bias[j]``, float32, in
-    index order (the head: global average pool, then the final linear layer)."""
-    n_s, c_n, h, w = a.shape
-    hw = h * w
-    f = np.empty(c_n, np.float32)
-    for n in range(n_s):
-        for c in range(c_n):
-            plane = a[n, c].reshape(hw)
-            s = np.float32(0.0)
-            for i in range(hw):
-                s += plane[i]
-            f[c] = s / np.float32(hw)
-        for j in range(weight.shape[0]):
-            s = np.float32(0.0)
-            for c in range(c_n):
-                s += weight[j, c] * f[c]
-            logits[n, j] = s + bias[j]
-    return logits
+def head_into(a, weight_t, bias, logits):
+    """The head on a ``[N, C, H, H]``: the global average pool in the exits' window order,
+    then ``logits = f weight_t + bias`` summed in feature order (``weight_t`` the ``[C, O']``
+    transpose of the layer's weight, classes padded by :func:`~xnorcdl.kernels.ordered.pad_classes`)."""
+    f = np.empty((a.shape[0], a.shape[1]), np.float32)
+    avg_pool_flat(a, a.shape[2], f)
+    return ordered_linear(f, weight_t, bias, logits)
 
 
 @numba.njit(cache=True, nogil=True)
-def run_cloud(sgemm, meta, f32, work_meta, wk, wk64, first, stop, nc, x, out, head_w, head_b,
+def run_cloud(sgemm, meta, f32, work_meta, wk, wk64, first, stop, nc, x, out, head_wt, head_b,
               logits, head):
     """Blocks ``first .. stop-1`` (rows of ``meta``) on x ``[N, C, H, W]`` (N a multiple of
     nc), the last block's output into ``out``; then, where ``head``, the head into ``logits
@@ -117,12 +109,12 @@ def run_cloud(sgemm, meta, f32, work_meta, wk, wk64, first, stop, nc, x, out, he
                         _v2(f32, m, W1), _v3(f32, m, W1T), _v1(f32, m, B1), _v3(f32, m, W2T),
                         _v1(f32, m, B2), _v2(f32, m, WSC), _v3(wk, k, XP), _v3(wk, k, COLS1),
                         _v3(wk, k, COLS_SC), _v3(wk, k, T1), _v3(wk, k, TP), _v3(wk, k, T2),
-                        _v3(wk, k, SC), m[ROW1], m[HO], m[WO], _samples(dst, a, nc),
+                        _v3(wk, k, SC), k[ROW1], m[HO], m[WO], _samples(dst, a, nc),
                         _v3(f32, m, AP1), _v1(wk64, k, BOFF1), _v3(f32, m, AP2),
-                        _v1(wk64, k, BOFF2), m[ROW2])
+                        _v1(wk64, k, BOFF2), k[ROW2])
         src = dst
     if head:
-        head_into(out, head_w, head_b, logits)
+        head_into(out, head_wt, head_b, logits)
     return out
 
 
@@ -134,10 +126,7 @@ class _Pool:
 
     def put(self, arr):
         arr = np.ascontiguousarray(arr, dtype=self.dtype)
-        dims = list(arr.shape) + [1] * (4 - arr.ndim)
-        if arr.ndim == 1:
-            dims = [arr.shape[0], 0, 0, 0]
-        field = [self.size] + dims
+        field = [self.size] + list(arr.shape) + [1] * (4 - arr.ndim)
         self.parts.append(arr.reshape(-1))
         self.size += arr.size
         return field
@@ -165,10 +154,8 @@ class CloudProgram:
             c, h, w = self.shapes[-1]
             if c != blk.in_channels:
                 raise ValueError(f"blocks: {blk.in_channels} input channels after {c}")
-            b = blk.new_scratch((1, c, h, w))
-            ho, wo = b["ho"], b["wo"]
-            row = [blk.stride, blk.kind, blk.pad_channels, b["row1"], ho, wo, b["row2"], c, h, w,
-                   blk.out_channels]
+            ho, wo = out_size(h, 3, blk.stride, 1), out_size(w, 3, blk.stride, 1)
+            row = [blk.stride, blk.kind, blk.pad_channels, ho, wo, blk.out_channels]
             wsc = blk._no_wsc if blk.wsc is None else blk.wsc
             for arr in (blk.w1, blk.w1_taps, blk.b1, blk.w2_taps, blk.b2, wsc, blk.ap1,
                         blk.ap2):
@@ -177,11 +164,16 @@ class CloudProgram:
             self.shapes.append((blk.out_channels, ho, wo))
         self.meta = np.array(rows, np.int64).reshape(-1, FIELDS)
         self.f32 = pool.array()
-        self.head_w = np.ascontiguousarray(head_weight, dtype=np.float32)
+        head_w = np.asarray(head_weight, dtype=np.float32)
+        c, h, w = self.shapes[-1]
+        if head_w.ndim != 2 or head_w.shape[1] != c:
+            raise ValueError(f"head_weight: expected [classes, {c}], got {head_w.shape}")
+        if h != w:
+            raise ValueError(f"blocks: the head pools a square image, got {h} x {w}")
+        self.classes = head_w.shape[0]
+        self.head_wt = pad_classes(np.ascontiguousarray(head_w.T))
         self.head_b = np.ascontiguousarray(head_bias, dtype=np.float32)
-        if self.head_w.shape[1:] != (self.shapes[-1][0],):
-            raise ValueError(f"head_weight: expected [classes, {self.shapes[-1][0]}], got "
-                             f"{self.head_w.shape}")
+        self._no_logits = np.zeros((1, self.classes), np.float32)   # run() without the head
         self._work = {}
 
     def _work_for(self, nc):
@@ -193,7 +185,7 @@ class CloudProgram:
             fp, ip, rows = _Pool(np.float32), _Pool(np.int64), []
             for r, blk in enumerate(self.blocks):
                 b = blk.new_scratch((nc,) + self.shapes[r])
-                row = []
+                row = [b["row1"], b["row2"]]
                 for key in ("xp", "cols1", "cols_sc", "t1", "tp", "t2", "sc"):
                     row += fp.put(b[key])
                 row += ip.put(b["boff1"]) + ip.put(b["boff2"])
@@ -209,12 +201,12 @@ class CloudProgram:
                              f"], got shape {x.shape}")
         n = x.shape[0]
         out = np.empty((n,) + self.shapes[stop], np.float32)
-        logits = np.empty((n, self.head_w.shape[0]), np.float32) if head else None
+        logits = np.empty((n, self.classes), np.float32) if head else None
         full = n - n % CHUNK
         for a, b, nc in ((0, full, CHUNK), (full, n, n - full)):
             if b > a:
                 work_meta, wk, wk64 = self._work_for(nc)
                 run_cloud(self.sgemm, self.meta, self.f32, work_meta, wk, wk64, first, stop, nc,
-                          x[a:b], out[a:b], self.head_w, self.head_b,
-                          logits[a:b] if head else self.head_w, head)
+                          x[a:b], out[a:b], self.head_wt, self.head_b,
+                          logits[a:b] if head else self._no_logits, head)
         return out, logits

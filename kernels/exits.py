@@ -18,9 +18,10 @@ def avg_pool_flat(x, k, out):
     """Average pooling, kernel k, stride k, no padding, floor mode, flattened per sample in
     (c, h, w) order: ``out [N, C * (H//k) * (W//k)]``.
 
-    float32 sums in NumPy's order for ``x.reshape(n, c, ho, k, wo, k).sum(axis=5).sum(axis=3)``:
-    the k values of each window row left to right, then the k row sums top to bottom, then one
-    division by k*k. The kernel tests compare with the reference bit for bit, so a change of
+    float32 sums in NumPy's order for ``x.reshape(n, c, ho, k, wo, k).sum(axis=5).sum(axis=3)``
+    while k < 8: the k values of each window row left to right, then the k row sums top to
+    bottom, then one division by k*k (from 8 terms on NumPy sums in eight interleaved partial
+    sums, so there the order is only this one's). The kernel tests compare with the reference bit for bit, so a change of
     that order would show there.
     """
     if k == 3:          # the windows of the exits of ResNet-32 (and 2, 4): k a constant for

@@ -1,6 +1,7 @@
 """The cloud program (kernels/cloudprogram.py): a chain of cloud blocks and the head in one
 jitted call gives the bits of the same blocks called one by one, for every chunk split of a
-batch, and a head within float32 rounding of the float64 head."""
+batch, and the bits of the reference's pooled fixed-order linear as its head (within float32
+rounding of the float64 head)."""
 import numba
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from test_kernels_cloud import conv
 from xnorcdl.kernels import blas
+from xnorcdl.kernels import reference as ref
 from xnorcdl.kernels.cloudprogram import CloudProgram, head_into
+from xnorcdl.kernels.ordered import pad_classes
 from xnorcdl.kernels.registry import of_kind
 
 SLOW = numba.config.DISABLE_JIT
@@ -68,6 +71,8 @@ def test_program_gives_the_blocks_bits(name, seed, c, side, n, kinds):
     exact = want[-1].astype(np.float64).mean(axis=(2, 3)) @ weight.T.astype(np.float64) + bias
     assert logits.shape == (n, 10) and logits.dtype == np.float32
     assert (np.abs(logits - exact) <= head_bound(want[-1], weight, bias)).all()
+    np.testing.assert_array_equal(logits, ref.ordered_linear(window_mean(want[-1]), weight,
+                                                             bias))
     # a sub-range without the head; the work pools kept from the first call are reused
     a = len(blocks) // 2
     got, none = prog.run(a, len(blocks), want[a])
@@ -76,25 +81,36 @@ def test_program_gives_the_blocks_bits(name, seed, c, side, n, kinds):
     np.testing.assert_array_equal(prog.run(0, len(blocks), x, head=True)[1], logits)
 
 
-def test_head_sums_in_order():
-    """head_into's float32 sums, term by term, against the same loop in Python."""
+def window_mean(a):
+    """The global average pool of ``[N, C, H, H]`` in float32, each row's pixels summed left to
+    right, then the row sums top to bottom, then one division (avg_pool_flat's order, which is
+    NumPy's only for windows under 8 wide), ``[N, C]``."""
+    n, c, h, w = a.shape
+    out = np.empty((n, c), np.float32)
+    for i in range(n):
+        for j in range(c):
+            total = np.float32(0)
+            for y in range(h):
+                row = np.float32(0)
+                for v in a[i, j, y]:
+                    row = np.float32(row + v)
+                total = np.float32(total + row)
+            out[i, j] = np.float32(total / np.float32(h * w))
+    return out
+
+
+def test_head_is_the_pooled_ordered_linear():
+    """head_into: the exits' pool over one window and their fixed-order linear: the bits of the
+    window-order mean followed by the reference's ``ordered_linear`` (classes padded as the
+    program pads them), at a side where NumPy's own sum would pair terms (8)."""
     rng = np.random.default_rng(3)
-    a = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
-    w = rng.standard_normal((7, 5)).astype(np.float32)
-    b = rng.standard_normal(7).astype(np.float32)
-    got = head_into(a, w, b, np.empty((2, 7), np.float32))
-    for n in range(2):
-        f = []
-        for c in range(5):
-            s = np.float32(0)
-            for v in a[n, c].reshape(-1):
-                s = np.float32(s + v)
-            f.append(np.float32(s / np.float32(12)))
-        for j in range(7):
-            s = np.float32(0)
-            for c in range(5):
-                s = np.float32(s + np.float32(w[j, c] * f[c]))
-            assert got[n, j] == np.float32(s + b[j])
+    for side in (4, 8):
+        a = rng.standard_normal((3, 5, side, side)).astype(np.float32)
+        w = rng.standard_normal((7, 5)).astype(np.float32)
+        b = rng.standard_normal(7).astype(np.float32)
+        got = head_into(a, pad_classes(np.ascontiguousarray(w.T)), b,
+                        np.empty((3, 7), np.float32))
+        np.testing.assert_array_equal(got, ref.ordered_linear(window_mean(a), w, b))
 
 
 @needs_sgemm
@@ -107,6 +123,8 @@ def test_bad_shapes_are_one_clear_error():
         prog.run(0, 2, np.zeros((1, 4, 6, 6), np.float32))
     with pytest.raises(ValueError, match="head_weight"):
         CloudProgram(blocks, np.zeros((10, 3), np.float32), b, (4, 8, 8))
+    with pytest.raises(ValueError, match="square"):
+        CloudProgram(blocks, w, b, (4, 8, 6))
     with pytest.raises(ValueError, match="input channels"):
         CloudProgram(blocks[::-1], w, b, (4, 8, 8))
     with pytest.raises(ValueError, match="CloudBlock"):

@@ -20,7 +20,8 @@ Agreement with :class:`xnorcdl.backends.reference.ReferenceExecutor`:
   identical, whatever BLAS kernel the processor gets.
 * **Cloud, within float32 rounding.** Cloud convs fold BN into the GEMM (one sgemm with a bias
   column), which rounds differently; see :class:`~xnorcdl.kernels.gemmconv.FloatGemmConv`. The
-  cloud program's head sums in index order, NumPy's mean and matmul in theirs.
+  cloud program's head pools and sums in the exits' fixed order, NumPy's mean and matmul in
+  theirs.
 """
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ class FastExecutor:
         exit_kernel = KERNELS["pool_ordered_linear"]
         self.exits = [exit_kernel.build(e.weight, e.bias, e.pool) for e in model.exits]
         self.program = None if self.stem_conv is None else self._edge_program()
+        self._first_cloud = sum(blk.edge for blk in model.blocks)     # edge blocks come first
         self.cloud = self.cloud_program()
 
     def _edge_program(self):
@@ -153,7 +155,6 @@ class FastExecutor:
         :class:`~xnorcdl.kernels.cloudblock.CloudBlock`) and the head as one
         :class:`~xnorcdl.kernels.cloudprogram.CloudProgram`, or None where there are none or
         another cloud kernel runs them (call again after replacing ``blocks[b].cloud``)."""
-        self._first_cloud = sum(blk.edge for blk in self.model.blocks)
         cloud = [prep.cloud for prep in self.blocks[self._first_cloud:]]
         if not cloud or blas.sgemm() is None or not all(isinstance(c, CloudBlock) for c in cloud):
             return None
