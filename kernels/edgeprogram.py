@@ -26,6 +26,8 @@ Rows (field 0 is the opcode; ``src``/``dst`` name one of the three activation bu
 ``NIBBLE``     the same block by nibble tables (``nibble_block_forward``); each
                geometry's nibble planes have their own region of the uint8 work buffer, so
                their padding bytes, zeroed once, stay 0
+``WORDS``      the same block on pixel words (``word_block_forward``), its planes of 16-,
+               32- or 64-bit words in the uint8 work buffer like the nibble planes
 ``QUANT``      one k-bit conv, bit planes (``bitconv_forward``) or direct int16 codes
                (``codeconv_forward``), src -> dst
 ``ADD``        dst += shortcut(x) of a k-bit block (identity, zero-pad, fixed-order 1x1 conv)
@@ -39,6 +41,7 @@ import numpy as np
 from .binaryblock import binary_block_forward
 from .nibbleblock import NibbleBlock, nibble_block_forward
 from .nibbleconv import geometry as nibble_geometry, geometry_jit
+from .wordblock import WordBlock, word_block_forward
 from .bitconv import bitconv_forward
 from .codeconv import codeconv_forward, phase_geometry
 from .exits import avg_pool_flat
@@ -48,7 +51,7 @@ from .normalize import normalize_into
 from .ordered import ordered_conv3x3, ordered_gemm, ordered_linear
 from .quantize import batchnorm
 
-STEM, BINARY, QUANT, ADD, EXIT, NIBBLE = 1, 2, 3, 4, 5, 6
+STEM, BINARY, QUANT, ADD, EXIT, NIBBLE, WORDS = 1, 2, 3, 4, 5, 6, 7
 _POOLS = (np.float32, np.float64, np.uint64, np.int32, np.int16, np.uint8)
 FIELDS = 40
 # common fields
@@ -90,6 +93,25 @@ def _ordered_conv(x, f32, wk, m, o, out):
     ordered_gemm(_f32(f32, m[o + 2], o_n * kk).reshape(o_n, kk), cols, y)
     affine_channels(y, _f32(f32, m[o + 3], o_n), _f32(f32, m[o + 4], o_n), m[o + 5] != 0)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _words(x, f32, u64, i32, i16, m, given, xw1, xw2, acc, tmp64, tmpw, tmp32, y):
+    """A WORDS row (fields in :meth:`EdgeProgram._add_word_block`) on planes of its types."""
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    o_n, ho, wo = y.shape[1], y.shape[2], y.shape[3]
+    stride = m[STRIDE]
+    q1 = geometry_jit(h, w, stride, 64 // xw1.itemsize)[5]
+    q2 = geometry_jit(ho, wo, 1, 64 // xw2.itemsize)[5]
+    word_block_forward(
+        x, _f32(f32, m[F0 + 1], c_in), _f32(f32, m[F0 + 2], c_in),
+        u64[m[F0 + 3]:m[F0 + 3] + o_n * 9].reshape(o_n, 9), i32[m[F0 + 4]:m[F0 + 4] + 9],
+        i16[m[F0 + 5]:m[F0 + 5] + o_n * q1].reshape(o_n, q1), i16[m[F0 + 6]:m[F0 + 6] + o_n],
+        i16[m[F0 + 7]:m[F0 + 7] + o_n], stride,
+        u64[m[F0 + 8]:m[F0 + 8] + o_n * 9].reshape(o_n, 9), i32[m[F0 + 9]:m[F0 + 9] + 9],
+        i16[m[F0 + 10]:m[F0 + 10] + o_n * q2].reshape(o_n, q2), _f32(f32, m[F0 + 11], o_n),
+        m[F0], m[F0 + 12], given, xw1, xw2, acc[:o_n * max(q1, q2)],
+        tmp64.reshape(1, 1, h, w), tmpw, tmp32[:q2], y)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -178,6 +200,33 @@ def run_program(meta, f32, f64, u64, i32, i16, u8, first, stop, images, x_in, x_
                     wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]],
                     wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]], wk16[:o_n * max(q1, q2)],
                     wk8[m[F0 + 19]:m[F0 + 19] + m[F0 + 20]], wk[:q2], y)
+            elif op == WORDS:
+                # fields: kind, off_bn1s, off_bn1t, off_wt1, off_offs1, off_base1, off_lo,
+                # off_hi, off_wt2, off_offs2, off_base2, off_s2, pad_ch, bits1, bits2, then
+                # (offset, bytes) in wk8 of xw1, xw2, tmpw, tmp64, then the shortcut conv
+                given = bufs[3 - m[SRC] - m[DST], :o_n * ho * wo].reshape(1, o_n, ho, wo)
+                if m[F0] == 2:
+                    _ordered_conv(x, f32, wk, m, F0 + 23, given)
+                b1, b2 = m[F0 + 13], m[F0 + 14]
+                r1 = wk8[m[F0 + 15]:m[F0 + 15] + m[F0 + 16]]
+                r2 = wk8[m[F0 + 17]:m[F0 + 17] + m[F0 + 18]]
+                rw = wk8[m[F0 + 19]:m[F0 + 19] + m[F0 + 20]]
+                t64 = wk8[m[F0 + 21]:m[F0 + 21] + m[F0 + 22]].view(np.uint64)
+                if b1 == 16 and b2 == 16:
+                    _words(x, f32, u64, i32, i16, m, given, r1.view(np.uint16),
+                           r2.view(np.uint16), wk16, t64, rw.view(np.uint16), wk, y)
+                elif b1 == 16:
+                    _words(x, f32, u64, i32, i16, m, given, r1.view(np.uint16),
+                           r2.view(np.uint32), wk16, t64, rw.view(np.uint32), wk, y)
+                elif b1 == 32 and b2 == 32:
+                    _words(x, f32, u64, i32, i16, m, given, r1.view(np.uint32),
+                           r2.view(np.uint32), wk16, t64, rw.view(np.uint32), wk, y)
+                elif b1 == 32:
+                    _words(x, f32, u64, i32, i16, m, given, r1.view(np.uint32),
+                           r2.view(np.uint64), wk16, t64, rw.view(np.uint64), wk, y)
+                else:
+                    _words(x, f32, u64, i32, i16, m, given, r1.view(np.uint64),
+                           r2.view(np.uint64), wk16, t64, rw.view(np.uint64), wk, y)
             elif op == QUANT:
                 # fields: kernel (0 planes, 1 direct), bits, off_bns, off_bnt, off_scale, off_v0 (f64),
                 # planes: off_wp, rw, off_base; direct: off_w9, hq, wq, off_offs, src_len
@@ -284,15 +333,17 @@ class EdgeProgram:
         padding at 0 whichever row wrote the interior last)."""
         if key not in self._planes:
             self._planes[key] = (self._work8, n)
-            self._work8 += n
+            self._work8 += -(-n // 64) * 64         # regions start on 64 bytes: word views
         return self._planes[key][0]
 
     def add_binary_block(self, block, shortcut_conv, in_shape) -> int:
-        """A binary block: a NIBBLE row for a :class:`NibbleBlock` that applies to it, else a
-        BINARY row of the popcount block."""
-        if isinstance(block, NibbleBlock):
+        """A binary block: a NIBBLE row for a :class:`NibbleBlock` and a WORDS row for a
+        :class:`WordBlock` that applies to it, else a BINARY row of the popcount block."""
+        if isinstance(block, (NibbleBlock, WordBlock)):
             if block.applies:
-                return self._add_nibble_block(block, shortcut_conv, in_shape)
+                add = (self._add_word_block if isinstance(block, WordBlock)
+                       else self._add_nibble_block)
+                return add(block, shortcut_conv, in_shape)
             block = block.block
         c, h, w = in_shape
         c1, c2 = block.conv1, block.conv2
@@ -334,6 +385,34 @@ class EdgeProgram:
         self._work = max(self._work, n32)                  # the float32 rows of the epilogue
         self.cur = dst
         return self._row(NIBBLE, src, dst, c, h, w, o_n, ho, wo, nb.stride, fields)
+
+    def _add_word_block(self, wb, shortcut_conv, in_shape) -> int:
+        c, h, w = in_shape
+        b = wb.block
+        c1, c2 = b.conv1, b.conv2
+        o_n = c1.out_channels
+        ho, wo = nibble_geometry(h, w, wb.stride)[:2]
+        offs1, offs2, base1, base2 = wb.prepared(h, w)
+        n1, n2, n_acc, n_w, n32 = wb.scratch_sizes(h, w)
+        b1, b2 = wb.bits
+        src, dst = self.cur, (self.cur + 1) % 3
+        fields = [wb.kind, self._put(c1.bn_scale, np.float32), self._put(c1.bn_shift, np.float32),
+                  self._put(wb.wt1, np.uint64), self._put(offs1, np.int32),
+                  self._put(base1, np.int16), self._put(wb.lo, np.int16),
+                  self._put(wb.hi, np.int16), self._put(wb.wt2, np.uint64),
+                  self._put(offs2, np.int32), self._put(base2, np.int16),
+                  self._put(c2.out_scale, np.float32), wb.pad_channels, b1, b2]
+        for key, n_bytes in (((3, b1, h, w, wb.stride), n1 * b1 // 8),
+                             ((4, b2, ho, wo), n2 * b2 // 8), ((5, b2, n_w), n_w * b2 // 8),
+                             ((6, h, w), 8 * h * w)):
+            fields += [self._plane_region(key, n_bytes), n_bytes]
+        if shortcut_conv is not None:
+            fields += self._conv_fields(shortcut_conv, False)
+            self._conv_work(c, h, w, shortcut_conv, ho, wo)
+        self._work16 = max(self._work16, n_acc)
+        self._work = max(self._work, n32)                  # the float32 rows of the epilogue
+        self.cur = dst
+        return self._row(WORDS, src, dst, c, h, w, o_n, ho, wo, wb.stride, fields)
 
     def add_quant_conv(self, conv, in_shape, src, dst) -> int:
         """A k-bit conv: a bit-plane :class:`~xnorcdl.kernels.bitconv.BitConv` or a

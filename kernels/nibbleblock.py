@@ -27,6 +27,7 @@ import numpy as np
 from .binaryblock import GIVEN, ZERO_PAD, BinaryBlock, given_shortcut
 from .bitconv import as_float32_nchw
 from .jit import numba
+from .rowtile import residual_vectors
 from .nibbleconv import (geometry, geometry_jit, nibble_counts, pack_nibbles, plane_bytes,
                          supports, term_offsets, to_padded_rows, weight_tables)
 
@@ -85,37 +86,56 @@ def nibble_block_forward(x, bn1_scale, bn1_shift, lut1, offs1, base1, lo, hi, st
     _, _, wq2, _, _, q2 = geometry_jit(ho, wo, 1)
     acc1 = acc.reshape(acc.size)[:o_n * q1].reshape(o_n, q1)
     acc2 = acc.reshape(acc.size)[:o_n * q2].reshape(o_n, q2)
-    hq = ho * wq2
-    zero = np.float32(0.0)
     for n in range(n_s):
         pack_nibbles(x[n], bn1_scale, bn1_shift, stride, xn1, tmp8)
         nibble_counts(lut1, xn1, offs1, acc1)
         sign_nibbles(acc1, base1, lo, hi, ho, wo, wq1, tmp8, xn2)
         nibble_counts(lut2, xn2, offs2, acc2)
-        for o in range(o_n):
-            ac, bo, s = acc2[o], base2[o], s2[o]
-            for q in range(hq):          # the output rows in one flat loop, then row by row
-                tmp32[q] = np.float32(np.int16(bo[q] - ac[q] - ac[q])) * s
-            d = out[n, o].reshape(ho * wo)
-            if shortcut_kind == ZERO_PAD:                # x[:, ::2, ::2] on channels pad..
-                c = o - pad_channels
-                for y in range(ho):
-                    q0 = y * wq2
-                    if 0 <= c < c_in:
-                        r = x[n, c, 2 * y]
-                        for i in range(wo):
-                            d[y * wo + i] = tmp32[q0 + i] + r[2 * i]
-                    else:
-                        for i in range(wo):
-                            d[y * wo + i] = tmp32[q0 + i] + zero
-                continue
-            r = (given[n, o] if shortcut_kind == GIVEN else x[n, o]).reshape(ho * wo)
-            for y in range(ho):
-                q0 = np.uint64(y * wq2)  # unsigned indices vectorize
-                p0 = np.uint64(y * wo)
-                for i in range(wo):
-                    u = np.uint64(i)
-                    d[p0 + u] = tmp32[q0 + u] + r[p0 + u]
+        residual_rows(acc2, base2, s2, shortcut_kind, pad_channels, x[n], given[n], wq2, tmp32,
+                      out[n])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def residual_rows(acc2, base2, s2, shortcut_kind, pad_channels, x, given, wq2, tmp32, out):
+    """Step 4 for one sample: ``out[o] = float32(base2 - 2 acc2) * s2[o] + shortcut(x)[o]``
+    with acc2, base2 int16 ``[O, Q2]`` in output rows of Wq2, x ``[C, H, W]``, given
+    ``[O, Ho, Wo]`` (read when shortcut_kind is GIVEN), tmp32 float32 scratch of at least Wo,
+    out ``[O, Ho, Wo]``, all C-contiguous; row by row in vectors
+    (:func:`~xnorcdl.kernels.rowtile.residual_vectors`), then each row's last pixels."""
+    o_n, ho, wo = out.shape
+    c_in, h, w = x.shape
+    q2 = acc2.shape[1]
+    for i in range(wo):
+        tmp32[i] = 0.0                   # the pad channels of zero-pad add an explicit +0.0
+    a_at, b_at, d_at = acc2.ctypes.data, base2.ctypes.data, out.ctypes.data
+    x_at, g_at, z_at = x.ctypes.data, given.ctypes.data, tmp32.ctypes.data
+    zero_pad = shortcut_kind == ZERO_PAD
+    for o in range(o_n):
+        s = s2[o]
+        c = o - pad_channels
+        real = 0 <= c < c_in
+        q0, p0 = o * q2, o * ho * wo
+        if zero_pad and real:      # x[c, 2y, 2i]
+            n = residual_vectors(b_at + 2 * q0, a_at + 2 * q0, x_at + 4 * c * h * w,
+                                 d_at + 4 * p0, s, min(wo, w // 2), 2, ho, wq2, 2 * w, wo)
+        elif zero_pad:             # a zero channel of the pad
+            n = residual_vectors(b_at + 2 * q0, a_at + 2 * q0, z_at, d_at + 4 * p0, s, wo, 1,
+                                 ho, wq2, 0, wo)
+        else:
+            n = residual_vectors(b_at + 2 * q0, a_at + 2 * q0,
+                                 (g_at if shortcut_kind == GIVEN else x_at) + 4 * p0,
+                                 d_at + 4 * p0, s, wo, 1, ho, wq2, wo, wo)
+        for y in range(ho):
+            for i in range(n, wo):
+                t = np.float32(np.int16(base2[o, y * wq2 + i] - acc2[o, y * wq2 + i]
+                                        - acc2[o, y * wq2 + i])) * s
+                if zero_pad:
+                    out[o, y, i] = t + (x[c, 2 * y, 2 * i] if real else np.float32(0.0))
+                elif shortcut_kind == GIVEN:
+                    out[o, y, i] = t + given[o, y, i]
+                else:
+                    out[o, y, i] = t + x[o, y, i]
     return out
 
 

@@ -67,16 +67,16 @@ def supports(c_in: int, o_n: int, stride: int) -> bool:
             and o_n % ROWS == 0 and o_n > 0)
 
 
-def geometry(h, w, stride):
+def geometry(h, w, stride, tile=TILE):
     """(Ho, Wo, Wq, Lq, phases, Q) of an h x w input: output size, the row width and length of
     one plane, planes per nibble (1, or the 4 phases of stride 2), outputs computed (whole
-    tiles; output (y, x) is q = y Wq + x)."""
+    tiles of ``tile`` outputs; output (y, x) is q = y Wq + x)."""
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     if stride == 1:
         wq, hq, phases = w + 2, h + 2, 1
     else:
         wq, hq, phases = wo + 1, ho + 1, 4
-    q = (ho * wq + TILE - 1) // TILE * TILE
+    q = (ho * wq + tile - 1) // tile * tile
     return ho, wo, wq, hq * wq, phases, q
 
 

@@ -43,6 +43,8 @@ from .exits import PooledLinear
 from .gemmconv import CodeGemmConv, FloatGemmConv
 from .nibbleblock import NibbleBlock
 from .nibbleconv import NibbleConv, preferred
+from .wordblock import WordBlock
+from .wordconv import WordConv, preferred as words_preferred
 from .normalize import Normalize
 from .shapes import out_size
 
@@ -68,6 +70,10 @@ def _nibble_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: i
     return NibbleBlock(_binary_block(conv1, conv2, shortcut, pad_channels))
 
 
+def _word_block(conv1: BitConv, conv2: BitConv, shortcut: str, pad_channels: int):
+    return WordBlock(_binary_block(conv1, conv2, shortcut, pad_channels))
+
+
 def _cloud_block(conv1, conv2, shortcut: str, pad_channels: int, shortcut_conv=None,
                  direct=False):
     sc = None if shortcut_conv is None else (shortcut_conv.weight, shortcut_conv.bn_scale,
@@ -86,6 +92,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
            "binary: bit-im2col by kernel rows, K - 2 popcount(a XOR w), padding correction"),
     Kernel("xnor_nibble_lut", "quant_conv", (1,), NibbleConv, True,
            "binary: 4-channel nibbles looked up in popcount tables (vpshufb), C % 4 == 0"),
+    Kernel("xnor_words", "quant_conv", (1,), WordConv, True,
+           "binary: a pixel's channels as one 16/32/64-bit word, one lane popcount per tap"),
     Kernel("bitplane_popcount", "quant_conv", (2, 4), BitConv, True,
            "k-bit as sign planes: sum 2^(i+j) (K - 2 popcount(A_i XOR W_j)), same kernel"),
     Kernel("direct_int16", "quant_conv", (2, 4), CodeConv, True,
@@ -102,6 +110,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
            "two binary convs and the residual in one call; BN2 and sign as integer intervals"),
     Kernel("binary_block_nibble", "binary_block", (1,), _nibble_block, True,
            "the fused block by nibble tables where the channels come in fours"),
+    Kernel("binary_block_words", "binary_block", (1,), _word_block, True,
+           "the fused block on pixel words (vpopcntw/d/q lanes) where C and O are at most 64"),
     Kernel("cloud_block_folded", "cloud_block", (32,), _cloud_block, False,
            "float32 block: im2col with the padding and ReLU inline, sgemm, residual + ReLU"),
     Kernel("cloud_block_direct", "cloud_block", (32,), _cloud_block_direct, False,
@@ -147,8 +157,12 @@ def quant_kernel_for(bits: int, in_shape: Tuple[int, int, int], stride: int = 1)
 
 
 def binary_block_kernel() -> Kernel:
-    """The fast backend's binary block: by nibble tables on AVX2 targets without AVX-512
-    VPOPCNTDQ (:func:`~xnorcdl.kernels.nibbleconv.preferred`), else by popcounts."""
+    """The fast backend's binary block: on pixel words where the target counts 16-, 32- and
+    64-bit lanes (AVX-512 BITALG and VPOPCNTDQ, :func:`~xnorcdl.kernels.wordconv.preferred`),
+    by nibble tables on AVX2 targets without VPOPCNTDQ
+    (:func:`~xnorcdl.kernels.nibbleconv.preferred`), else by row-segment popcounts."""
+    if words_preferred():
+        return KERNELS["binary_block_words"]
     return KERNELS["binary_block_nibble" if preferred() else "binary_block_fused"]
 
 

@@ -17,6 +17,7 @@ from xnorcdl.kernels.binaryblock import BinaryBlock
 from xnorcdl.kernels.bitconv import BitConv
 from xnorcdl.kernels.edgeprogram import NIBBLE, OP
 from xnorcdl.kernels.nibbleblock import NibbleBlock
+from xnorcdl.kernels.wordblock import WordBlock
 from xnorcdl.kernels.registry import _binary_block
 from xnorcdl.model import build_model
 from xnorcdl.spec import ExitSpec, ModelSpec
@@ -205,7 +206,8 @@ def with_nibble_blocks(model):
     ex = FastExecutor(model)
     for prep in ex.blocks:
         if prep.fused is not None:
-            inner = prep.fused.block if isinstance(prep.fused, NibbleBlock) else prep.fused
+            inner = (prep.fused.block if isinstance(prep.fused, (NibbleBlock, WordBlock))
+                     else prep.fused)
             assert isinstance(inner, BinaryBlock)
             prep.fused = NibbleBlock(inner)
     ex.program = ex._edge_program()
