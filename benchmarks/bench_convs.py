@@ -13,8 +13,10 @@ Usage::
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_convs.py \\
         [--repeat 400] [--json out.json] [--markdown out.md]
 
-Popcount napkin math for the binary kernel: one output needs ``3 * ceil(3C / 64)`` 64-bit
-XOR+popcount words (three kernel-row segments); the limit assumed is ``POPCNT_PER_CYCLE`` 64-bit
+Popcount napkin math for the binary kernels: one output needs ``3 * ceil(3C / 64)`` 64-bit
+XOR+popcount words in the row-segment form (three kernel-row segments), and 9C binary MACs
+in any form (the word kernel, ``xnor_words``, counts 9 words of 16, 32 or 64 bits); the MAC
+rate is also given against the streaming loop's bits (64 per word); the limit assumed is ``POPCNT_PER_CYCLE`` 64-bit
 popcounts per cycle (AMD Zen 3 runs POPCNT r64 on its four integer ALUs, reciprocal throughput
 0.25 cycle) at the clock measured with a dependent integer chain; the streaming rate of a plain
 XOR+popcount reduction over L1-resident words is reported beside it as the practical ceiling
@@ -151,12 +153,18 @@ def main(argv=None):
                 row["popcount_words"] = words
                 row["of_popcount_limit"] = rate / (per_cycle * clock)
                 row["of_streaming"] = rate / stream
+                # the same work counted in binary MACs (9C per output) against the streaming
+                # loop's 64 MACs per word: fair to kernels whose words are not 64 bits wide
+                macs = o * side_o * side_o * 9 * c
+                row["binary_macs"] = macs
+                row["macs_of_streaming"] = macs / t["median"] / (64 * stream)
             rows.append(row)
     lines = ["| shape | kernel | median us | vs numpy | vs torch | popcount use |",
              "|---|---|---:|---:|---:|---|"]
     for r in rows:
         pc = (f"{100 * r['of_popcount_limit']:.0f}% of limit, {100 * r['of_streaming']:.0f}% "
-              f"of streaming" if "of_popcount_limit" in r else "")
+              f"of streaming, MACs {100 * r['macs_of_streaming']:.0f}% of streaming bits"
+              if "of_popcount_limit" in r else "")
         vt = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else "-"
         lines.append(f"| {r['shape']} | {r['kernel']} | {r['median_us']:.1f} | "
                      f"{r['vs_numpy']:.2f}x | {vt} | {pc} |")
