@@ -173,7 +173,7 @@ def test_later_runs_start_from_the_final_file_at_their_rate(folders, budget):
     assert set(runs) == set(b["epochs"])
     name = sorted(b["epochs"])[0]
     cmd = grid.command(runs[name], threads=1)
-    assert cmd[cmd.index("--init") + 1] == grid.final_path(name)
+    assert cmd[cmd.index("--init") + 1] == grid.final_path(b.get("start", {}).get(name, name))
     assert cmd.count("--lr") == 1 and cmd[cmd.index("--lr") + 1] == b["lr"]
     assert cmd[cmd.index("--epochs") + 1] == str(b["epochs"][name])
     assert cmd[cmd.index("--out") + 1] == grid.later_out(name, budget)
@@ -189,3 +189,28 @@ def test_later_runs_start_from_the_final_file_at_their_rate(folders, budget):
     assert len(outs) == 1 + len(grid.BUDGETS)
     model = ["--edge-convs", "--edge-bits", "--exits", "--exit-weights"]
     assert [cmd[cmd.index(k) + 1] for k in model] == [first[first.index(k) + 1] for k in model]
+
+
+def test_a_budget_starts_a_point_only_from_its_twin_of_more_bits():
+    """A budget's ``"start"``: another point with the same edge and exit, more bits (the 2-bit
+    points from their 4-bit twins); the file a run may replace is still the point's own."""
+    for budget, b in grid.BUDGETS.items():
+        for name, twin in b.get("start", {}).items():
+            assert name in b["epochs"], (budget, name)
+            m, bits = name.split("_")[1], int(name.split("_")[2][:-1])
+            assert twin == f"r32_{m}_{4}b" and bits < 4, (budget, name, twin)
+    assert grid.BUDGETS[19]["start"]
+
+
+def test_a_run_from_a_twin_records_its_start(folders):
+    g = folders
+    tag = grid.BUDGETS[19]["name"]
+    (g / tag).mkdir()
+    sha1 = _trained(g / "r32_20E_2b.npz", 85.3, seed=1)
+    _trained(g / "r32_20E_4b.npz", 89.3, seed=3)
+    sha2 = _trained(grid.later_out("r32_20E_2b", 19), 87.0, seed=2)
+    assert grid.settle("r32_20E_2b", 19, lambda m: None)
+    with open(g / "budgets.json") as f:
+        entry = json.load(f)[tag]["r32_20E_2b"]
+    assert entry["start"] == "r32_20E_4b.npz"
+    assert (entry["before_sha256"], entry["run_sha256"], entry["kept"]) == (sha1, sha2, "run")

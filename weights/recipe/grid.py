@@ -40,8 +40,8 @@ entries are removed (:func:`finalize`)::
 
 **Later budgets** (``--budget N`` for N >= 2, :data:`BUDGETS`, each fixed before any of its
 own runs, from the results of the budgets that had ended): the points named there train further
-from their final file (``--init weights/grid/NAME.npz``, the same recipe at a lower peak rate, a
-cosine of its own), one epoch per invocation as above with its state in ``partial/<budget>/``
+from their final file (``--init weights/grid/NAME.npz``, or another point's where the budget's
+``"start"`` names one, the same recipe at a lower peak rate, a cosine of its own), one epoch per invocation as above with its state in ``partial/<budget>/``
 (``second``, ``third``, ...). When such a run ends its file replaces the point's only if its
 validation accuracy without exits (the 5000 held-out training images, never the test set) is
 at least the file's it started from (:func:`settle`); the decision and both figures go into
@@ -137,7 +137,15 @@ COMMON = ["--depth", "32", "--teacher", FP, "--kd-weight", "0.9", "--kd-temp", "
 #: after the sixteenth had ended (24E 4-bit gained only +0.12 there);
 #: 18: that 12-epoch cycle again for 20E 4-bit (+0.72 in the seventeenth, 88.94 % on test) and
 #: for 24E 4-bit (+0.12 in its last six-epoch cycle, 86.23 % on test), fixed after the
-#: seventeenth had ended (16E 4-bit +0.14 there, 90.66 % on test: over its floor)
+#: seventeenth had ended (16E 4-bit +0.14 there, 90.66 % on test: over its floor);
+#: 19: the four 2-bit points started from their 4-bit twins (``"start"``: ``--init
+#: weights/grid/r32_{M}E_4b.npz``, the twin's quantizer ranges kept), four epochs at 0.01, fixed
+#: after the eighteenth had ended (20E 4-bit +0.16, 24E 4-bit +0.86 there). Their six-epoch
+#: cycles from their own files were spent (16E +0.02, 20E -0.04, 24E -0.36, 10E fell twice), and
+#: they sit 1.5-6.8 points below their twins on test; measured before (20E 2-bit, 120 steps at
+#: 0.01, 2000 validation images without exits): from its own file 83.75 %, from the 4-bit twin
+#: 87.30 % (with the ranges refitted, ``--fit-ranges 1``, 57.35 %: a refit throws away the
+#: twin's trained batch norms). The file it replaces is still the point's own (:func:`settle`)
 BUDGETS = {
     2: {"name": "second", "lr": "0.01",
         "epochs": {"r32_10E_4b": 3, "r32_16E_4b": 3, "r32_10E_2b": 4, "r32_24E_1b": 3}},
@@ -158,6 +166,10 @@ BUDGETS = {
     16: {"name": "sixteenth", "lr": "0.01", "epochs": {"r32_24E_4b": 6, "r32_20E_4b": 6}},
     17: {"name": "seventeenth", "lr": "0.01", "epochs": {"r32_16E_4b": 12, "r32_20E_4b": 12}},
     18: {"name": "eighteenth", "lr": "0.01", "epochs": {"r32_20E_4b": 12, "r32_24E_4b": 12}},
+    19: {"name": "nineteenth", "lr": "0.01",
+         "epochs": {"r32_20E_2b": 4, "r32_24E_2b": 4, "r32_16E_2b": 4, "r32_10E_2b": 4},
+         "start": {"r32_20E_2b": "r32_20E_4b", "r32_24E_2b": "r32_24E_4b",
+                   "r32_16E_2b": "r32_16E_4b", "r32_10E_2b": "r32_10E_4b"}},
 }
 
 #: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
@@ -198,14 +210,17 @@ def points() -> List[Dict]:
 
 
 def later_points(budget: int) -> List[Dict]:
-    """A later budget's runs: the first run's model options, started from the final file."""
+    """A later budget's runs: the first run's model options, started from the final file (the
+    point's own, or the one the budget's ``"start"`` names for it)."""
     first = {p["name"]: p for p in points()}
+    start = BUDGETS[budget].get("start", {})
     out = []
     for name, epochs in BUDGETS[budget]["epochs"].items():
         args = first[name]["args"]
         model = args[:args.index("--exits") + 4]  # --edge-convs M --edge-bits b --exits M --exit-weights w
+        init = final_path(start.get(name, name))
         out.append({"name": name, "budget": budget,
-                    "args": [*model, "--init", final_path(name), "--epochs", str(epochs)]})
+                    "args": [*model, "--init", init, "--epochs", str(epochs)]})
     return out
 
 
@@ -264,6 +279,8 @@ def settle(name: str, budget: int, log) -> bool:
     entry = {"epochs": b["epochs"][name], "lr": float(b["lr"]), "before_sha256": sha256_of(old),
              "run_sha256": sha256_of(new), "val_no_exit_before": before,
              "val_no_exit_run": after, "kept": kept}
+    if name in b.get("start", {}):
+        entry["start"] = b["start"][name] + ".npz"
     try:
         with open(budgets_path()) as f:
             book = json.load(f)
@@ -408,6 +425,8 @@ def run_later(args, ap) -> int:
     budget, tag = args.budget, BUDGETS[args.budget]["name"]
     runs = selected(later_points(budget), args.only, ap)
     missing = [p["name"] for p in runs if not os.path.exists(final_path(p["name"]))]
+    missing += [p["args"][p["args"].index("--init") + 1] for p in runs
+                if not os.path.exists(p["args"][p["args"].index("--init") + 1])]
     if missing:
         raise SystemExit(f"error: --budget {budget} needs the final file of {missing}")
     rounds = 0
