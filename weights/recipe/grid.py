@@ -41,10 +41,10 @@ entries are removed (:func:`finalize`)::
 **Later budgets** (``--budget N`` for N >= 2, :data:`BUDGETS`, each fixed before any of its
 own runs, from the results of the budgets that had ended): the points named there train further
 from their final file (``--init weights/grid/NAME.npz``, or another point's where the budget's
-``"start"`` names one, the same recipe at a lower peak rate, a cosine of its own), one epoch per invocation as above with its state in ``partial/<budget>/``
-(``second``, ``third``, ...). When such a run ends its file replaces the point's only if its
+``"start"`` names one; the same recipe at a lower peak rate, a cosine of its own), one epoch
+per invocation as above with its state in ``partial/<budget>/`` (``second``, ``third``, ...). When such a run ends its file replaces the point's only if its
 validation accuracy without exits (the 5000 held-out training images, never the test set) is
-at least the file's it started from (:func:`settle`); the decision and both figures go into
+at least the point's file's before the run (:func:`settle`); the decision and both figures go into
 ``weights/grid/budgets.json`` under the budget's name and the point is finalized again. The
 lineage of a replaced file records every run.
 """
@@ -183,8 +183,8 @@ BUDGETS = {
 
 #: when a later run's file replaces the point's (:func:`settle`; stated in ``budgets.json``)
 REPLACE_RULE = ("a later run's file replaces the point's when its validation accuracy without "
-                "exits (5000 held-out training images) is at least that of the file it started "
-                "from")
+                "exits (5000 held-out training images) is at least that of the point's file "
+                "before the run")
 
 
 def start_args(m: int, bits: int) -> List[str]:
@@ -277,7 +277,7 @@ def val_no_exit(path: str) -> float:
 
 def settle(name: str, budget: int, log) -> bool:
     """Decide on a finished run of a later budget: its file replaces the point's when its
-    validation accuracy without exits is at least the file's it started from, else it is
+    validation accuracy without exits is at least the point's file's before the run, else it is
     dropped. Records the decision in ``budgets.json`` under the budget's name (written whole,
     then renamed) and returns whether the point's file changed."""
     from xnorcdl.files import sha256_of
